@@ -26,10 +26,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from deltatune.errors import CheckpointError
+from deltatune.errors import CheckpointError, ConfigError
 from deltatune.io import save_safetensors, write_json
 from deltatune.layers import ModulesToSave
-from deltatune.model import adapter_layers, inject, state_of
+from deltatune.model import active_adapters, adapter_layers, delete, inject, set_active, state_of
 from deltatune.registry import MethodConfig, get_method, method_for_peft_type
 
 CONFIG_NAME = "adapter_config.json"
@@ -103,8 +103,19 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         raise CheckpointError(f"no adapter named '{adapter_name}' (adapters: {', '.join(state.configs) or 'none'})")
     out: dict[str, torch.Tensor] = {}
     params = dict(model.named_parameters())
-    for pname in state.in_place_params.get(adapter_name, []):
+    trained = state.in_place_params.get(adapter_name, [])
+    for pname in trained:
         out[PREFIX + pname] = params[pname]
+    if trained:
+        # Persistent buffers (BatchNorm running statistics) of modules trained in place go along.
+        persistent = model.state_dict(keep_vars=True)
+        for mname, module in model.named_modules():
+            own = [f"{mname}.{p}" if mname else p for p, _ in module.named_parameters(recurse=False)]
+            if own and all(n in params and n in trained for n in own):
+                for bname, _ in module.named_buffers(recurse=False):
+                    key = f"{mname}.{bname}" if mname else bname
+                    if key in persistent:
+                        out[PREFIX + key] = persistent[key]
     for path, layer in adapter_layers(model):
         if adapter_name in layer.adapter_names:
             for local, tensor in layer.adapter_tensors(adapter_name).items():
@@ -183,7 +194,12 @@ def load_adapter(
     base_extra = {
         k: v for k, v in tensors.items() if k.endswith(".base_layer.weight") or k.endswith(".base_layer.bias")
     }
-    inject(model, config, adapter_name)
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    active = active_adapters(model)
+    try:
+        inject(model, config, adapter_name)
+    except ConfigError as exc:  # e.g. its target modules are not in this model
+        raise CheckpointError(f"adapter at '{folder}' does not fit this {type(model).__name__}: {exc}") from None
     expected = adapter_state_dict(model, adapter_name)
     module_params = dict(model.named_parameters())
     missing = sorted(k for k in expected if k not in tensors)
@@ -194,11 +210,18 @@ def load_adapter(
     mismatched = sorted(
         f"{k} {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected if k in tensors and tensors[k].shape != expected[k].shape
+    ) + sorted(
+        f"{k} {tuple(v.shape)} vs model {tuple(module_params[k[len(PREFIX):]].shape)}"
+        for k, v in base_extra.items()
+        if k[len(PREFIX):] in module_params and v.shape != module_params[k[len(PREFIX):]].shape
     )
     if missing or unexpected or mismatched:
-        from deltatune.model import delete
-
+        # Leave the model as it was: without this adapter, the same adapters active and trainable.
         delete(model, adapter_name)
+        if active:
+            set_active(model, active)
+        for p in model.parameters():
+            p.requires_grad_(requires_grad.get(id(p), p.requires_grad))
         raise CheckpointError(
             f"adapter at '{folder}' does not fit this {type(model).__name__}: "
             + _key_report(missing, unexpected, mismatched)
@@ -209,8 +232,6 @@ def load_adapter(
             target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
         for key, value in base_extra.items():
             param = module_params[key[len(PREFIX):]]
-            if param.shape != value.shape:
-                raise CheckpointError(f"{key}: shape {tuple(value.shape)} vs model {tuple(param.shape)}")
             param.copy_(value.to(dtype=param.dtype, device=param.device))
     if not is_trainable:
         for t in expected.values():
@@ -222,6 +243,8 @@ def load_adapter(
 def load_adapters(model: nn.Module, path: str | os.PathLike[str], *, is_trainable: bool = False) -> list[str]:
     """Load every adapter of a :func:`save_adapters` folder; returns their names."""
     folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"adapter folder '{folder}' does not exist")
     names = []
     if (folder / CONFIG_NAME).is_file():
         load_adapter(model, folder, "default", is_trainable=is_trainable)

@@ -102,21 +102,51 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
             "adapters cannot be added on top of it"
         )
     # Freeze the base (every parameter that is not another adapter's).
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     adapter_params = {id(p) for _, layer in adapter_layers(model) for p in _adapter_parameters(layer)}
     for p in model.parameters():
         if id(p) not in adapter_params:
             p.requires_grad_(False)
-    spec.inject(model, config, adapter_name)
-    extra = modules_to_save_of(config)
-    if extra:
-        explicit = len(getattr(config, "modules_to_save", None) or [])
-        _wrap_modules_to_save(model, extra, adapter_name, explicit)
+    try:
+        spec.inject(model, config, adapter_name)
+        extra = modules_to_save_of(config)
+        if extra:
+            explicit = len(getattr(config, "modules_to_save", None) or [])
+            _wrap_modules_to_save(model, extra, adapter_name, explicit)
+    except Exception:
+        # Leave the model as it was: no half-injected wrappers, requires_grad as before.
+        _strip_adapter(model, adapter_name)
+        state.in_place_params.pop(adapter_name, None)
+        for p in model.parameters():
+            p.requires_grad_(requires_grad.get(id(p), p.requires_grad))
+        raise
+    _match_training_mode(model)
     state.configs[adapter_name] = config
     if spec.capabilities.multi_adapter:
         set_active(model, adapter_name)
     else:
         state.active = [adapter_name]
     return model
+
+
+def _strip_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove one adapter from every layer; unwrap layers left with no adapter."""
+    for name, layer in list(adapter_layers(model)):
+        if adapter_name in layer.adapter_names:
+            layer.delete_adapter(adapter_name)
+        if not layer.adapter_names:
+            set_submodule(model, name, layer.base_layer)
+
+
+def _match_training_mode(model: nn.Module) -> None:
+    """New adapter modules (created in training mode) follow their wrapped module's mode, so
+    that e.g. LoRA dropout is off in a model that was in eval mode when the adapter was added."""
+    for _, layer in adapter_layers(model):
+        mode = layer.base_layer.training
+        layer.training = mode
+        for child_name, child in layer.named_children():
+            if child_name != "base_layer":
+                child.train(mode)
 
 
 def _adapter_parameters(layer: AdapterLayer) -> list[nn.Parameter]:
@@ -207,11 +237,23 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
     names = adapter_names if adapter_names is not None else active_adapters(model)
     _check_names(model, names)
     for n in names:
+        if n in state_of(model).in_place_params:
+            continue  # trained in place: the base weights already are the result
         spec = get_method(state_of(model).configs[n].method_name)
         if not spec.capabilities.merge:
             raise DeltatuneError(f"adapter '{n}' ({spec.name}) cannot be merged into the base weights")
-    for _, layer in adapter_layers(model):
-        layer.merge([n for n in names if n in layer.adapter_names], safe_merge=safe)
+    done: list[tuple[AdapterLayer, int]] = []
+    for layer_name, layer in adapter_layers(model):
+        before = len(layer.merged_adapters)
+        try:
+            layer.merge([n for n in names if n in layer.adapter_names], safe_merge=safe)
+        except DeltatuneError as exc:
+            # Leave no half-merged model behind: unmerge what this call merged, then report.
+            for merged_layer, count in [(layer, before), *reversed(done)]:
+                while len(merged_layer.merged_adapters) > count:
+                    merged_layer._unmerge_one(merged_layer.merged_adapters.pop())
+            raise DeltatuneError(f"{exc} (in module '{layer_name}'; nothing was merged)") from None
+        done.append((layer, before))
 
 
 def unmerge(model: nn.Module) -> None:

@@ -94,9 +94,11 @@ def inject_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> 
             layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
         )
     else:
+        # Existing BitFit layers count too, so that a second named adapter reaches them.
         names = [
             n for n, m in model.named_modules()
-            if n and isinstance(getattr(m, "bias", None), torch.Tensor) and not isinstance(m, AdapterLayer)
+            if n and (isinstance(m, BitFitLayer) or (
+                isinstance(getattr(m, "bias", None), torch.Tensor) and not isinstance(m, AdapterLayer)))
         ]
         if config.exclude_modules or config.layers_to_transform is not None:
             names = select_modules(
@@ -108,6 +110,7 @@ def inject_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> 
     heads = modules_to_save_of(config)
     names = [n for n in names if not any(n == h or n.endswith("." + h) for h in heads)]
     parts_of = {n: n.split(".") for n in names}
+    added = 0
     for name in names:
         # Skip modules nested in another adapter (e.g. a LoRA layer's base_layer).
         parts = parts_of[name]
@@ -116,6 +119,7 @@ def inject_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> 
         module = model.get_submodule(name)
         if isinstance(module, BitFitLayer):
             module.add_adapter(adapter_name)
+            added += 1
             continue
         if isinstance(module, AdapterLayer):
             raise ConfigError(f"module '{name}' already carries a {type(module).__name__} adapter")
@@ -126,6 +130,12 @@ def inject_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> 
         layer = BitFitLayer(module)
         layer.add_adapter(adapter_name)
         set_submodule(model, name, layer)
+        added += 1
+    if not added:
+        raise ConfigError(
+            f"BitFit found no bias to train in {type(model).__name__} (its layers have no bias terms, "
+            "as in LLaMA-style models); choose another method such as lora"
+        )
 
 
 register(

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import ConfigError, DeltatuneError
+from deltatune.kernels import fast_lora_enabled, lora_dropout_linear
 from deltatune.layers import AdapterLayer
 from deltatune.registry import Capabilities, MethodConfig, MethodSpec, register
 from deltatune.targeting import is_conv1d, select_modules, set_submodule
@@ -245,14 +246,22 @@ class LoraLinear(_LoraBase):
             return result
         base_out = result
         out_dtype = result.dtype
+        autocast = torch.is_autocast_enabled(x.device.type)
+        fast = fast_lora_enabled()
         for name in adapters:
             a = self.lora_A[name].weight
             b = self.lora_B[name].weight
-            xa = x.to(a.dtype) if not torch.is_autocast_enabled() else x
+            xa = x if autocast else x.to(a.dtype)
             if name in self.lora_magnitude_vector:
                 result = result + self._dora_delta(name, xa, base_out).to(out_dtype)
+                continue
+            dropout = self.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+            if fast and p > 0.0:
+                # Keeps x and a seed instead of a dropped copy (deltatune.kernels.lora_linear).
+                result = lora_dropout_linear(xa, result, a, b, self.scaling[name], p)
             else:
-                result = result + lora_delta(xa, a, b, self.scaling[name], self.lora_dropout[name]).to(out_dtype)
+                result = result + lora_delta(xa, a, b, self.scaling[name], dropout).to(out_dtype)
         return result
 
     def _dora_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

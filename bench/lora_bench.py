@@ -1,0 +1,510 @@
+#!/usr/bin/env python
+"""LoRA training and inference benchmark: deltatune vs Hugging Face PEFT vs the frozen-base bound.
+
+Every variant of one model runs in the same process on the same batch; the timing loop
+interleaves the variants (one round = each variant once, in a rotating order) and reports the
+median over rounds, so that load from other processes hits all variants alike.
+
+Training variants (per model):
+
+- ``bound``: the frozen base with no trainable parameter. The embedding output is made to
+  require grad (a forward hook returning ``out.detach().requires_grad_()``) and the same loss is
+  back-propagated, so backward runs through every activation but computes no weight gradient.
+  No optimizer. Nothing a LoRA step does can be cheaper than this.
+- ``dt`` / ``peft``: deltatune / PEFT LoRA for each target set (``qv``: query/value projections;
+  ``all``: every Linear of the blocks) and rank; forward + backward + AdamW step on the trainable
+  parameters. ``dt-plain`` (``--plain``): deltatune with its fast LoRA kernel switched off.
+  ``--dora`` adds ``dt-dora`` / ``peft-dora`` on the q,v targets.
+
+Peak memory. On CUDA: ``torch.cuda.max_memory_allocated`` during one step, minus what the other
+variants' models hold. On CPU (no allocator statistics): the parameters, gradients and
+optimizer state plus the activations saved for backward, counted with
+``torch.autograd.graph.saved_tensors_hooks`` as unique storages (parameter storages excluded,
+they are already counted). Transient working buffers are not counted. See bench/README.md.
+
+Inference (``eval()``, ``torch.inference_mode``): the base model, deltatune unmerged, deltatune
+merged (``deltatune.merge``) and PEFT unmerged.
+
+Usage::
+
+    .venv/bin/python bench/lora_bench.py --model bert          # full run, ~15 min on 2 cores
+    .venv/bin/python bench/lora_bench.py --quick               # small batch, both models
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import deltatune as dt
+from deltatune.targeting import select_modules
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LORA_ALPHA = 16
+ALL_DROPOUT = 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# models and batches
+# --------------------------------------------------------------------------------------------
+def build_model(kind: str, seed: int = 0) -> nn.Module:
+    """Random-init BERT-like encoder (sequence classification) or LLaMA-like decoder (~8 layers)."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "bert":
+        return BertForSequenceClassification(
+            BertConfig(
+                hidden_size=512,
+                num_hidden_layers=8,
+                num_attention_heads=8,
+                intermediate_size=2048,
+                vocab_size=30522,
+                num_labels=2,
+            )
+        )
+    if kind == "llama":
+        return LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=512,
+                num_hidden_layers=8,
+                num_attention_heads=8,
+                num_key_value_heads=8,
+                intermediate_size=1376,
+                vocab_size=32000,
+                max_position_embeddings=2048,
+            )
+        )
+    raise SystemExit(f"--model {kind!r}: choose bert or llama")
+
+
+def embedding_module(model: nn.Module, kind: str) -> nn.Module:
+    return model.bert.embeddings if kind == "bert" else model.model.embed_tokens  # type: ignore[union-attr,return-value]
+
+
+def make_batch(kind: str, batch: int, seq: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    if kind == "bert":
+        labels = torch.randint(0, 2, (batch,), generator=g)
+    else:
+        labels = ids.clone()
+    return {"input_ids": ids.to(device), "labels": labels.to(device)}
+
+
+def target_names(model: nn.Module, kind: str, targets: str) -> list[str]:
+    """Exact module names, so that deltatune and PEFT adapt the very same layers."""
+    if targets == "qv":
+        pattern: str | list[str] = ["query", "value"] if kind == "bert" else ["q_proj", "v_proj"]
+    else:
+        pattern = "all-linear"
+    return select_modules(model, pattern)
+
+
+# --------------------------------------------------------------------------------------------
+# variants
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Variant:
+    name: str  # e.g. "dt qv r8"
+    method: str  # bound | dt | dt-plain | peft | dt-dora | peft-dora
+    targets: str  # "-" for the bound
+    r: int
+    dropout: float
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    fast: bool = True
+    times: list[float] = dataclasses.field(default_factory=list)
+    memory: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _fast_context(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    try:
+        from deltatune.kernels import fast_lora
+    except ImportError:  # Part 1: no kernel yet
+        return contextlib.nullcontext()
+    return fast_lora(enabled)
+
+
+def make_variant(
+    base: nn.Module, kind: str, method: str, targets: str, r: int, dropout: float, device: torch.device
+) -> Variant:
+    model = copy.deepcopy(base)
+    names = target_names(model, kind, targets) if targets != "-" else []
+    dora = method.endswith("dora")
+    if method == "bound":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        embedding_module(model, kind).register_forward_hook(lambda _m, _i, out: out.detach().requires_grad_())
+    elif method in ("dt", "dt-plain", "dt-dora"):
+        dt.inject(
+            model, dt.LoraConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=dropout, target_modules=names, use_dora=dora)
+        )
+    elif method in ("peft", "peft-dora"):
+        import peft
+
+        regex = "^(" + "|".join(n.replace(".", r"\.") for n in names) + ")$"
+        cfg = peft.LoraConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=dropout, target_modules=regex, use_dora=dora)
+        model = peft.get_peft_model(model, cfg)
+    else:
+        raise ValueError(method)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    label = "bound" if method == "bound" else f"{method} {targets} r{r}"
+    return Variant(label, method, targets, r, dropout, model, optimizer, fast=method != "dt-plain")
+
+
+def _autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager[Any]:
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train_step(v: Variant, batch: dict[str, torch.Tensor], device: torch.device, amp: str | None) -> torch.Tensor:
+    with _fast_context(v.fast), _autocast(device, amp):
+        loss = v.model(**batch).loss
+    loss.backward()
+    if v.optimizer is not None:
+        v.optimizer.step()
+        v.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------
+# memory
+# --------------------------------------------------------------------------------------------
+def _storage_key(t: torch.Tensor) -> tuple[int, str]:
+    s = t.untyped_storage()
+    return (s.data_ptr(), str(t.device))
+
+
+@contextlib.contextmanager
+def count_saved(exclude: set[tuple[int, str]]) -> Iterator[dict[tuple[int, str], int]]:
+    """Record the unique storages saved for backward (key -> bytes) while the block runs."""
+    seen: dict[tuple[int, str], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.strided and not t.is_meta:
+            key = _storage_key(t)
+            if key not in exclude and key[0] != 0:
+                seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    seen: dict[tuple[int, str], int] = {}
+    for t in tensors:
+        seen[_storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def static_bytes(v: Variant) -> dict[str, int]:
+    params = list(v.model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    opt_state: list[torch.Tensor] = []
+    if v.optimizer is not None:
+        for state in v.optimizer.state.values():
+            opt_state += [t for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 1]
+    return {
+        "weights": _nbytes(params),
+        "adapter_weights": _nbytes(trainable) if trainable else 0,
+        "grads": sum(p.numel() * p.element_size() for p in trainable),
+        "optimizer": _nbytes(opt_state) if opt_state else 0,
+    }
+
+
+def measure_memory(v: Variant, batch: dict[str, torch.Tensor], device: torch.device, amp: str | None) -> None:
+    """One instrumented step (after a warm-up step, so that the optimizer state exists)."""
+    static = static_bytes(v)
+    exclude = {_storage_key(p) for p in v.model.parameters()}
+    exclude |= {_storage_key(b) for b in v.model.buffers()}
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.synchronize()
+        others = torch.cuda.memory_allocated() - static["weights"] - static["optimizer"]
+        torch.cuda.reset_peak_memory_stats()
+    with count_saved(exclude) as seen, _fast_context(v.fast), _autocast(device, amp):
+        loss = v.model(**batch).loss
+    saved = sum(seen.values())
+    loss.backward()
+    del loss
+    if v.optimizer is not None:
+        v.optimizer.step()
+    peak = static["weights"] + static["grads"] + static["optimizer"] + saved
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - others
+    if v.optimizer is not None:
+        v.optimizer.zero_grad(set_to_none=True)
+    v.memory = {**static, "saved": saved, "peak": peak}
+
+
+# --------------------------------------------------------------------------------------------
+# timing loops
+# --------------------------------------------------------------------------------------------
+def interleaved(
+    items: list[Any], run: Callable[[Any], None], repeats: int, steps: int, device: torch.device
+) -> dict[int, list[float]]:
+    """Per item, the mean time of ``steps`` calls in each of ``repeats`` rounds (rotating order)."""
+    out: dict[int, list[float]] = {i: [] for i in range(len(items))}
+    for rep in range(repeats):
+        order = list(range(len(items)))
+        k = rep % len(order)
+        order = order[k:] + order[:k]
+        for i in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                run(items[i])
+            _sync(device)
+            out[i].append((time.perf_counter() - t0) / steps)
+        print(f"  round {rep + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return out
+
+
+@dataclasses.dataclass
+class InferVariant:
+    name: str
+    targets: str
+    r: int
+    model: nn.Module
+    times: list[float] = dataclasses.field(default_factory=list)
+
+
+def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    base = build_model(kind).to(device)
+    vocab = base.config.vocab_size
+    batch = make_batch(kind, args.batch, args.seq, vocab, device)
+    n_params = sum(p.numel() for p in base.parameters())
+    print(f"\n== {kind}: {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq}, {device}", file=sys.stderr)
+
+    methods = ["dt", "peft"] + (["dt-plain"] if args.plain else [])
+    variants = [make_variant(base, kind, "bound", "-", 0, 0.0, device)]
+    for targets in args.targets:
+        dropout = ALL_DROPOUT if targets == "all" else args.qv_dropout
+        for r in args.ranks:
+            for method in methods:
+                variants.append(make_variant(base, kind, method, targets, r, dropout, device))
+    if args.dora:
+        for r in args.ranks:
+            for method in ("dt-dora", "peft-dora"):
+                variants.append(make_variant(base, kind, method, "qv", r, args.qv_dropout, device))
+
+    # warm-up (allocates optimizer state), then memory, then the interleaved timing
+    for v in variants:
+        for _ in range(args.warmup):
+            train_step(v, batch, device, args.amp)
+    for v in variants:
+        measure_memory(v, batch, device, args.amp)
+    print(f"  timing {len(variants)} training variants", file=sys.stderr)
+    times = interleaved(variants, lambda v: train_step(v, batch, device, args.amp), args.repeats, args.steps, device)
+    for i, v in enumerate(variants):
+        v.times = times[i]
+
+    # inference
+    infer: list[InferVariant] = [InferVariant("base", "-", 0, copy.deepcopy(base).eval())]
+    merged_ok: dict[str, float] = {}
+    for v in variants:
+        if v.method not in ("dt", "peft"):
+            continue
+        v.model.eval()
+        infer.append(InferVariant(f"{v.method} unmerged", v.targets, v.r, v.model))
+        if v.method == "dt":
+            merged = copy.deepcopy(v.model)
+            dt.merge(merged)
+            infer.append(InferVariant("dt merged", v.targets, v.r, merged))
+            with torch.inference_mode(), _autocast(device, args.amp):
+                a = v.model(input_ids=batch["input_ids"]).logits.float()
+                b = merged(input_ids=batch["input_ids"]).logits.float()
+            merged_ok[f"{v.targets} r{v.r}"] = float((a - b).abs().max())
+    ids = batch["input_ids"]
+
+    def infer_once(iv: InferVariant) -> None:
+        with torch.inference_mode(), _fast_context(True), _autocast(device, args.amp):
+            iv.model(input_ids=ids)
+
+    for iv in infer:
+        infer_once(iv)
+    print(f"  timing {len(infer)} inference variants", file=sys.stderr)
+    itimes = interleaved(infer, infer_once, args.repeats, args.steps, device)
+    for i, iv in enumerate(infer):
+        iv.times = itimes[i]
+
+    bound = variants[0]
+    b_med = statistics.median(bound.times)
+    b_growth = bound.memory["peak"] - bound.memory["weights"]
+    train_rows = []
+    for v in variants:
+        med = statistics.median(v.times)
+        extra = v.memory["peak"] - bound.memory["peak"]
+        train_rows.append(
+            {
+                "variant": v.name,
+                "method": v.method,
+                "targets": v.targets,
+                "r": v.r,
+                "lora_dropout": v.dropout,
+                "step_s": med,
+                "step_s_rounds": v.times,
+                "time_x_bound": med / b_med,
+                "memory_bytes": v.memory,
+                "extra_over_bound_bytes": extra,
+                "mem_extra_x_bound_growth": extra / b_growth,
+                "mem_growth_x_bound_growth": (v.memory["peak"] - bound.memory["weights"]) / b_growth,
+            }
+        )
+    base_med = statistics.median(infer[0].times)
+    infer_rows = [
+        {
+            "variant": iv.name,
+            "targets": iv.targets,
+            "r": iv.r,
+            "latency_s": statistics.median(iv.times),
+            "latency_s_rounds": iv.times,
+            "x_base": statistics.median(iv.times) / base_med,
+        }
+        for iv in infer
+    ]
+    return {
+        "model": kind,
+        "params": n_params,
+        "train": train_rows,
+        "inference": infer_rows,
+        "merged_max_abs_diff": merged_ok,
+        "bound_growth_bytes": b_growth,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# reporting
+# --------------------------------------------------------------------------------------------
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"### {result['model']} ({result['params'] / 1e6:.1f}M params)",
+        "",
+        "| variant | dropout | step s | x bound | peak MiB | extra MiB | extra / bound growth | growth / bound growth |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in result["train"]:
+        lines.append(
+            f"| {row['variant']} | {row['lora_dropout']:g} | {row['step_s']:.3f} | {row['time_x_bound']:.3f} "
+            f"| {_mb(row['memory_bytes']['peak'])} | {_mb(row['extra_over_bound_bytes'])} "
+            f"| {row['mem_extra_x_bound_growth']:.3f} | {row['mem_growth_x_bound_growth']:.3f} |"
+        )
+    lines += ["", "| inference | targets | r | latency s | x base |", "| --- | --- | --- | --- | --- |"]
+    for row in result["inference"]:
+        lines.append(f"| {row['variant']} | {row['targets']} | {row['r']} | {row['latency_s']:.4f} | {row['x_base']:.3f} |")
+    diffs = ", ".join(f"{k}: {v:.1e}" for k, v in result["merged_max_abs_diff"].items())
+    lines += ["", f"merged vs unmerged logits, max abs diff: {diffs}"]
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=1)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["bert", "llama", "both"], default="both")
+    p.add_argument("--quick", action="store_true", help="batch 2x128, 3 rounds of 1 step: a smoke run")
+    p.add_argument("--batch", type=int, default=None, help="sequences per batch (default 8; quick 2)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256; quick 128)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7; quick 3)")
+    p.add_argument("--steps", type=int, default=1, help="steps per variant per round")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--targets", nargs="+", choices=["qv", "all"], default=["qv", "all"])
+    p.add_argument("--qv-dropout", type=float, default=0.05, help="lora_dropout for q,v (all-linear: 0.05)")
+    p.add_argument("--plain", action="store_true", help="also time deltatune with the fast kernel off")
+    p.add_argument("--dora", action="store_true", help="also time DoRA (q,v) in deltatune and PEFT")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--amp", choices=["bf16"], default=None, help="bf16 autocast")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/lora_<model>.json)")
+    args = p.parse_args(argv)
+    args.batch = args.batch or (2 if args.quick else 8)
+    args.seq = args.seq or (128 if args.quick else 256)
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kinds = ["bert", "llama"] if args.model == "both" else [args.model]
+    import peft
+    import transformers
+
+    meta = {
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "repeats": args.repeats,
+        "steps_per_round": args.steps,
+        "amp": args.amp,
+        "lora_alpha": LORA_ALPHA,
+        "dropout": {"qv": args.qv_dropout, "all": ALL_DROPOUT},
+        "memory_method": "cuda max_memory_allocated" if device.type == "cuda" else "static + saved-for-backward",
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    for kind in kinds:
+        result = run_model(kind, args, device)
+        result["meta"] = meta
+        out = args.out if args.out and len(kinds) == 1 else RESULTS / f"lora_{kind}{'_quick' if args.quick else ''}.json"
+        write_json_atomic(out, result)
+        print(format_table(result))
+        print(f"\n(written to {out})\n", flush=True)
+        del result
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""A whole fine-tuning run: config -> data -> model -> method -> train -> evaluate -> files.
+
+``RunConfig`` is the YAML schema of ``deltatune train``::
+
+    model:   {name_or_path: embedded-minilm, ...}       # ModelConfig
+    data:    {source: bbc_news, max_length: 128, ...}    # DataConfig
+    method:  {name: lora, r: 8, ...}                      # any registered method's config
+    train:   {epochs: 3, learning_rate: null, ...}        # TrainerConfig (null lr = method default)
+    output_dir: runs/default
+
+The run folder receives ``adapter_config.json`` + ``adapter_model.safetensors`` (the trained
+adapter, PEFT format), ``metrics.json``, ``log.jsonl`` (one line per step), ``config.yaml``
+(the resolved config), ``labels.json`` and ``training.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from deltatune.checkpoint import load_adapter, save_adapter
+from deltatune.config import BaseConfig, apply_overrides
+from deltatune.data import DataConfig, PadCollator, TokenizedDataset, load_text_splits, make_loader
+from deltatune.errors import ConfigError, DeltatuneError
+from deltatune.io import write_json, write_text
+from deltatune.model import inject, trainable_report
+from deltatune.models import ModelConfig, load_classifier, load_tokenizer
+from deltatune.registry import MethodConfig, config_from_dict, get_method
+from deltatune.train import ClassificationTask, TrainerConfig, fit
+
+RUN_CONFIG_NAME = "config.yaml"
+LABELS_NAME = "labels.json"
+METRICS_NAME = "metrics.json"
+PLOT_NAME = "training.png"
+
+
+def default_method() -> dict[str, Any]:
+    return {"name": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
+
+
+@dataclasses.dataclass
+class RunConfig(BaseConfig):
+    """One run of ``deltatune train``; see the module docstring and ``configs/reference.yaml``."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    method: dict[str, Any] = dataclasses.field(default_factory=default_method)
+    train: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    output_dir: str = "runs/default"
+
+    def validate(self) -> None:
+        self.method_config()  # unknown method names and keys fail here, at load time
+
+    def method_config(self) -> MethodConfig:
+        return config_from_dict(self.method, where="method")
+
+
+def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:
+    """Read a YAML config (or the embedded default) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = RunConfig().to_dict()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            user = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections (model, data, method, train)")
+        if "method" in user and isinstance(user["method"], dict):
+            data["method"] = {}  # a config's method section replaces the default one whole
+        data = _deep_update(data, user)
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if key.strip() == "method.name" and value.strip() != str(data["method"].get("name")):
+            data["method"] = {}  # switching method drops the previous method's settings
+    data = apply_overrides(data, overrides)
+    return RunConfig.from_dict(data, where=Path(path).name if path else "config")
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device='{name}' is not a device (use auto, cpu, cuda, cuda:0)") from None
+
+
+@dataclasses.dataclass
+class RunResult:
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def build_model(cfg: RunConfig, label_names: list[str]) -> nn.Module:
+    """The base classifier with the configured method injected."""
+    model = load_classifier(cfg.model, label_names)
+    method_cfg = cfg.method_config()
+    if cfg.model.task == "sequence-classification" and method_cfg.task_type is None:
+        method_cfg = method_cfg.replace(task_type="SEQ_CLS") if _has_field(method_cfg, "modules_to_save") else method_cfg
+    if method_cfg.base_model_name_or_path is None:
+        method_cfg = method_cfg.replace(base_model_name_or_path=cfg.model.name_or_path)
+    inject(model, method_cfg)
+    return model
+
+
+def _has_field(config: MethodConfig, name: str) -> bool:
+    return name in config.field_types()
+
+
+def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> RunResult:
+    """Run the whole job; returns the metrics written to ``metrics.json``."""
+    start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    seed_everything(cfg.train.seed)
+    splits = load_text_splits(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_model(cfg, splits.label_names)
+    device = pick_device(cfg.train.device)
+    model.to(device)
+    spec = get_method(cfg.method_config().method_name)
+    report = trainable_report(model)
+    echo(f"method {spec.name}: {report.trainable:,} trainable of {report.total:,} parameters ({report.percent:.3f}%)")
+
+    collate = PadCollator(tokenizer)
+    train_ds = TokenizedDataset(splits.train, tokenizer, cfg.data.max_length)
+    val_ds = TokenizedDataset(splits.val, tokenizer, cfg.data.max_length)
+    test_ds = TokenizedDataset(splits.test, tokenizer, cfg.data.max_length)
+    task = ClassificationTask()
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / RUN_CONFIG_NAME, cfg.to_yaml())
+    write_json(out / LABELS_NAME, splits.label_names)
+
+    history: list[dict[str, Any]] = []
+    fit_info: dict[str, Any] = {}
+    if spec.fit is not None:
+        loader = make_loader(train_ds, cfg.train.eval_batch_size, shuffle=False, seed=cfg.train.seed, collate=collate)
+        batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
+        fit_info = spec.fit(model, model_method_config(model), batches)
+        echo(f"fitted in closed form: {fit_info}")
+    else:
+        train_cfg = cfg.train
+        if train_cfg.learning_rate is None:
+            train_cfg = train_cfg.replace(learning_rate=spec.default_lr)
+        result = fit(model, task, train_ds, val_ds, train_cfg, out, collate_fn=collate, resume=resume)
+        history = result.history
+        fit_info = {"steps": result.steps, "best_step": result.best_step, "stopped_early": result.stopped_early}
+
+    def evaluate(ds: TokenizedDataset) -> dict[str, float]:
+        loader = make_loader(ds, cfg.train.eval_batch_size, shuffle=False, seed=0, collate=collate)
+        return task.evaluate(model, loader)
+
+    val_metrics = evaluate(val_ds)
+    test_metrics = evaluate(test_ds)
+    save_adapter(model, out)
+    wall = time.perf_counter() - start
+    metrics = {
+        "method": spec.name,
+        "val": val_metrics,
+        "test": test_metrics,
+        "trainable_params": report.trainable,
+        "total_params": report.total,
+        "trainable_percent": report.percent,
+        "train_examples": len(splits.train),
+        "wall_time_s": wall,
+        **fit_info,
+    }
+    write_json(out / METRICS_NAME, metrics)
+    rows = history or _read_log(out / "log.jsonl")
+    if rows:
+        from deltatune.plot import plot_history
+
+        plot_history(rows, out / PLOT_NAME)
+    return RunResult(out, metrics)
+
+
+def model_method_config(model: nn.Module) -> MethodConfig:
+    from deltatune.model import state_of
+
+    return next(iter(state_of(model).configs.values()))
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, Any, list[str]]:
+    """Rebuild a trained run's model (base + saved adapter), tokenizer and label names."""
+    folder = Path(run_dir)
+    cfg_path = folder / RUN_CONFIG_NAME
+    if not cfg_path.is_file():
+        raise DeltatuneError(f"'{folder}' is not a deltatune run folder (no {RUN_CONFIG_NAME}); give a `deltatune train` output_dir")
+    cfg = RunConfig.from_file(cfg_path)
+    labels_path = folder / LABELS_NAME
+    if not labels_path.is_file():
+        raise DeltatuneError(f"'{folder}' has no {LABELS_NAME}; the run did not finish")
+    label_names = json.loads(labels_path.read_text())
+    model = load_classifier(cfg.model, label_names)
+    load_adapter(model, folder)
+    model.to(pick_device(cfg.train.device)).eval()
+    return cfg, model, load_tokenizer(cfg.model), label_names
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str], split: str = "test") -> dict[str, float]:
+    cfg, model, tokenizer, label_names = load_run(run_dir)
+    if overrides:
+        data = apply_overrides({"data": cfg.data.to_dict()}, overrides)
+        cfg = dataclasses.replace(cfg, data=DataConfig.from_dict(data["data"], where="data"))
+    splits = load_text_splits(cfg.data)
+    if splits.label_names != label_names:
+        raise DeltatuneError(f"the data's labels {splits.label_names} differ from the run's {label_names}")
+    examples = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
+    ds = TokenizedDataset(examples, tokenizer, cfg.data.max_length)
+    loader = make_loader(ds, cfg.train.eval_batch_size, shuffle=False, seed=0, collate=PadCollator(tokenizer))
+    return ClassificationTask().evaluate(model, loader)
+
+
+@torch.no_grad()
+def predict_texts(run_dir: str | Path, texts: list[str], batch_size: int = 32) -> list[dict[str, Any]]:
+    """Label each text with the run's adapter: ``[{text, label, score}]``."""
+    cfg, model, tokenizer, label_names = load_run(run_dir)
+    device = next(model.parameters()).device
+    out: list[dict[str, Any]] = []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        enc = tokenizer(chunk, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
+        logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
+        probs = logits.float().softmax(-1)
+        for text, p in zip(chunk, probs):
+            k = int(p.argmax())
+            out.append({"text": text, "label": label_names[k], "score": float(p[k])})
+    return out
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the run's model with the adapter merged, loadable with transformers alone."""
+    from deltatune.checkpoint import export_merged
+
+    _, model, tokenizer, _ = load_run(run_dir)
+    return export_merged(model, out_dir, tokenizer=tokenizer)

@@ -1,0 +1,353 @@
+"""Shared fixtures: tiny random-init models (fixed seed, eval mode), their inputs, and the
+registry-driven list of (model, method, config) cases that the generic test matrix runs.
+
+Every factory builds the same weights on every call (seeded), so "a fresh copy of the base" is
+simply another call of the factory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+
+SEED = 0
+
+# The models are tiny: one thread is several times faster than two busy ones on a 2-core box.
+torch.set_num_threads(1)
+
+# --- tiny models ----------------------------------------------------------------------------
+
+
+def make_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(SEED)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def make_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(SEED)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=100,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(SEED)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+class TinyCNN(nn.Module):
+    """Conv-BN-ReLU, Conv-ReLU, global average pool, Linear head ``fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(pixel_values)))
+        h = torch.relu(self.conv2(h))
+        return self.fc(self.pool(h).flatten(1))
+
+
+def make_cnn() -> nn.Module:
+    torch.manual_seed(SEED)
+    model = TinyCNN()
+    # Non-trivial running statistics so that eval-mode BatchNorm is not the identity.
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-0.5, 0.5)
+        model.bn1.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def text_inputs(batch: int = 3, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 100, (batch, seq), generator=_gen(seed))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, -2:] = 0  # one padded row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def image_inputs(batch: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(batch, 3, 8, 8, generator=_gen(seed))}
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "bert": make_bert,
+    "llama": make_llama,
+    "gpt2": make_gpt2,
+    "cnn": make_cnn,
+}
+INPUTS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
+    "bert": text_inputs,
+    "llama": text_inputs,
+    "gpt2": text_inputs,
+    "cnn": image_inputs,
+}
+
+
+def labelled_batches(model_kind: str, n_batches: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Small labelled batches (for fitted methods); every class of the head appears."""
+    n_classes = 3 if model_kind == "bert" else 4
+    out = []
+    for i in range(n_batches):
+        batch = INPUTS[model_kind](batch=4, seed=100 + i)
+        batch["labels"] = torch.arange(4) % n_classes
+        out.append(batch)
+    return out
+
+
+def run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's output tensor (``logits`` for transformers models)."""
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.fixture
+def bert() -> nn.Module:
+    return make_bert()
+
+
+@pytest.fixture
+def llama() -> nn.Module:
+    return make_llama()
+
+
+@pytest.fixture
+def gpt2() -> nn.Module:
+    return make_gpt2()
+
+
+@pytest.fixture
+def cnn() -> nn.Module:
+    return make_cnn()
+
+
+# --- the registry-driven case list ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One (model, method, config) combination of the test matrix.
+
+    ``trainable`` is the number of trainable parameters counted by hand from the tiny
+    models' shapes (see the arithmetic beside each case). ``in_place`` methods train base
+    parameters directly (their total stays the base total); ``fitted`` ones train nothing by
+    gradient (their trainable count is 0).
+    """
+
+    id: str
+    model: str
+    method: str
+    options: dict[str, Any]
+    trainable: int
+    in_place: bool = False
+
+    def config(self, **changes: Any) -> dt.MethodConfig:
+        return dt.config_from_dict({"name": self.method, **self.options, **changes})
+
+    def make_model(self) -> nn.Module:
+        return MODELS[self.model]()
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return INPUTS[self.model]()
+
+
+NO_INIT = {"init_lora_weights": False}
+
+# Shapes used in the hand counts (r = 4 everywhere unless stated):
+#   BERT:  hidden 32, intermediate 64, 2 layers, 3 labels; a 32->32 LoRA has 4*(32+32) = 256.
+#   LLaMA: hidden 32, head_dim 16, 1 kv head (k/v: 32->16), intermediate 64, vocab 100.
+#   GPT-2: n_embd 32, c_attn 32->96, attn.c_proj 32->32, c_fc 32->128, mlp.c_proj 128->32.
+#   CNN:   conv1 3->8 k3, bn1 8, conv2 8->16 k3, fc 16->4.
+CASES_BY_METHOD: dict[str, list[Case]] = {
+    "lora": [
+        # 2 layers * (query + value) * 256
+        Case(
+            "bert-qv",
+            "bert",
+            "lora",
+            {"r": 4, "target_modules": ["query", "value"], **NO_INIT},
+            1024,
+        ),
+        # per layer: q,k,v,o 4*256 + intermediate 4*(32+64) + output 4*(64+32) = 1792; *2 = 3584;
+        # + pooler.dense 256 + classifier copy (32*3+3 = 99) = 3939
+        Case(
+            "bert-all-linear-seqcls",
+            "bert",
+            "lora",
+            {"r": 4, "target_modules": "all-linear", "task_type": "SEQ_CLS", **NO_INIT},
+            3939,
+        ),
+        # 1024 + magnitude 32 per module * 4 modules = 1152
+        Case(
+            "bert-dora",
+            "bert",
+            "lora",
+            {"r": 4, "target_modules": ["query", "value"], "use_dora": True, **NO_INIT},
+            1152,
+        ),
+        # 2 layers * (query, key, value) * 256 = 1536
+        Case(
+            "bert-rslora-dropout",
+            "bert",
+            "lora",
+            {
+                "r": 4,
+                "lora_alpha": 8,
+                "target_modules": ["query", "key", "value"],
+                "use_rslora": True,
+                "lora_dropout": 0.1,
+                **NO_INIT,
+            },
+            1536,
+        ),
+        # per layer q 4*(32+32) + v 4*(32+16) = 448; *2 = 896
+        Case(
+            "llama-qv",
+            "llama",
+            "lora",
+            {"r": 4, "target_modules": ["q_proj", "v_proj"], **NO_INIT},
+            896,
+        ),
+        # per layer q 256 + k 192 + v 192 + o 256 + gate/up/down 3*4*(32+64) = 2048; *2 = 4096
+        Case(
+            "llama-all-linear",
+            "llama",
+            "lora",
+            {"r": 4, "target_modules": "all-linear", **NO_INIT},
+            4096,
+        ),
+        # embed_tokens A 4*100 + B 32*4 = 528; q_proj 2*256 = 512; total 1040
+        Case(
+            "llama-embedding",
+            "llama",
+            "lora",
+            {"r": 4, "target_modules": ["embed_tokens", "q_proj"], **NO_INIT},
+            1040,
+        ),
+        # 896 + magnitudes 2 * (32 + 16) = 992
+        Case(
+            "llama-dora",
+            "llama",
+            "lora",
+            {"r": 4, "target_modules": ["q_proj", "v_proj"], "use_dora": True, **NO_INIT},
+            992,
+        ),
+        # 2 layers * c_attn 4*(32+96) = 1024
+        Case(
+            "gpt2-c_attn", "gpt2", "lora", {"r": 4, "target_modules": ["c_attn"], **NO_INIT}, 1024
+        ),
+        # per layer c_attn 512+96, attn.c_proj 256+32, c_fc 4*160+128, mlp.c_proj 4*160+32
+        #   = 2336; *2 = 4672 (lm_head is the output layer, left alone)
+        Case(
+            "gpt2-all-linear-dora",
+            "gpt2",
+            "lora",
+            {"r": 4, "target_modules": "all-linear", "use_dora": True, **NO_INIT},
+            4672,
+        ),
+        # conv1: A 4*3*3*3 = 108, B 8*4 = 32; conv2: A 4*8*3*3 = 288, B 16*4 = 64; total 492
+        Case("cnn-conv2d", "cnn", "lora", {"r": 4, "target_modules": r"conv\d", **NO_INIT}, 492),
+    ],
+    "bitfit": [
+        # embeddings LN 32 + per layer (q,k,v,o 128 + LN 32 + intermediate 64 + output 32
+        #   + LN 32 = 288) * 2 + pooler 32 + classifier 3 = 643
+        Case("bert-bitfit", "bert", "bitfit", {}, 643),
+        # per block ln_1 32 + c_attn 96 + c_proj 32 + ln_2 32 + c_fc 128 + c_proj 32 = 352;
+        #   *2 + ln_f 32 = 736
+        Case("gpt2-bitfit", "gpt2", "bitfit", {}, 736),
+        # conv1 8 + bn1 8 + conv2 16 + fc 4 = 36
+        Case("cnn-bitfit", "cnn", "bitfit", {}, 36),
+    ],
+    "full": [
+        # all 23619 BERT parameters minus the embeddings (100*32 + 64*32 + 2*32 + LN 64 = 5376)
+        Case(
+            "bert-full-no-emb",
+            "bert",
+            "full",
+            {"exclude_modules": ["embeddings"]},
+            18243,
+            in_place=True,
+        ),
+        # conv1 224 + bn1 16 + conv2 1168 + fc 68 = 1476
+        Case("cnn-full", "cnn", "full", {}, 1476, in_place=True),
+    ],
+    "freeze": [
+        # layer.1 8544 + pooler 1056 + classifier 99 = 9699
+        Case("bert-freeze", "bert", "freeze", {"train_last_n": 1}, 9699, in_place=True),
+        # layers.1: q 1024 + k 512 + v 512 + o 1024 + 3 * 2048 + 2 norms 64 = 9280;
+        #   + final norm 32 + lm_head 3200 = 12512
+        Case("llama-freeze", "llama", "freeze", {"train_last_n": 1}, 12512, in_place=True),
+        # h.1: ln_1 64 + c_attn 3168 + c_proj 1056 + ln_2 64 + c_fc 4224 + c_proj 4128 = 12704;
+        #   + ln_f 64 = 12768 (lm_head is tied to wte, which stays frozen)
+        Case("gpt2-freeze", "gpt2", "freeze", {"train_last_n": 1}, 12768, in_place=True),
+        # the last top-level block is fc: 16*4 + 4 = 68
+        Case("cnn-freeze", "cnn", "freeze", {"train_last_n": 1}, 68, in_place=True),
+    ],
+    "features": [
+        # fitted in closed form: nothing trains by gradient
+        Case("bert-features", "bert", "features", {}, 0, in_place=True),
+        Case("cnn-features", "cnn", "features", {"head": "fc"}, 0, in_place=True),
+    ],
+}
+
+
+def all_cases() -> list[Case]:
+    """Cases for every registered method, in registry order (a method without cases adds none)."""
+    return [case for name in dt.methods() for case in CASES_BY_METHOD.get(name, [])]
+
+
+ALL_CASES = all_cases()

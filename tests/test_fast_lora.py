@@ -1,0 +1,267 @@
+"""The fast LoRA kernel (deltatune.kernels.lora_linear) changes no result.
+
+Outputs and gradients of the fused path equal the plain formula ``dropout(x) Aᵀ Bᵀ · s`` for the
+same dropout mask (rebuilt from the kernel's seed), within 1e-6 (fp64) / 1e-5 (fp32) relative to
+the values' size; with dropout 0 (or in eval mode) a layer's output and gradients are bitwise
+those of the plain path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+from deltatune.kernels import (
+    draw_seed,
+    dropout_keep_mask,
+    fast_lora,
+    lora_dropout_linear,
+    lora_linear_reference,
+)
+from deltatune.methods.lora import LoraLinear
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    scale = max(1.0, float(want.detach().abs().max()))
+    err = float((got.detach().double() - want.detach().double()).abs().max())
+    assert err <= tol * scale, f"max abs diff {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def _inputs(
+    dtype: torch.dtype, device: str, shape: tuple[int, ...] = (3, 7, 24), out: int = 20, r: int = 4
+):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_()
+    base = torch.randn(*shape[:-1], out, generator=g, dtype=dtype).to(device).requires_grad_()
+    a = (torch.randn(r, shape[-1], generator=g, dtype=dtype) / 5).to(device).requires_grad_()
+    b = (torch.randn(out, r, generator=g, dtype=dtype) / 5).to(device).requires_grad_()
+    return x, base, a, b
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-6), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_kernel_matches_plain_formula_for_the_same_mask(
+    device: str, dtype: torch.dtype, tol: float, p: float
+) -> None:
+    x, base, a, b = _inputs(dtype, device)
+    y = lora_dropout_linear(x, base, a, b, 1.7, p, seed=1234)
+    want = lora_linear_reference(x, base, a, b, 1.7, p, seed=1234)
+    _close(y, want, tol)
+    gy = torch.randn_like(y)
+    got_grads = torch.autograd.grad(y, (x, base, a, b), gy)
+    want_grads = torch.autograd.grad(want, (x, base, a, b), gy)
+    for got, ref in zip(got_grads, want_grads):
+        _close(got, ref, tol)
+
+
+def test_reference_is_the_literal_dropout_formula() -> None:
+    x, base, a, b = _inputs(torch.float64, "cpu")
+    keep = dropout_keep_mask(x.shape, 0.3, 99, x.device).double()
+    literal = (
+        base + torch.nn.functional.linear(torch.nn.functional.linear(x * keep / 0.7, a), b) * 2.0
+    )
+    assert torch.equal(lora_linear_reference(x, base, a, b, 2.0, 0.3, seed=99), literal)
+
+
+def test_kernel_gradcheck() -> None:
+    x, base, a, b = _inputs(torch.float64, "cpu", shape=(2, 3, 6), out=5, r=2)
+    assert torch.autograd.gradcheck(
+        lambda *t: lora_dropout_linear(*t, 0.9, 0.25, seed=5), (x, base, a, b)
+    )
+
+
+def test_mask_is_reproducible_and_has_the_right_rate() -> None:
+    m1 = dropout_keep_mask((64, 1000), 0.05, 11, torch.device("cpu"))
+    m2 = dropout_keep_mask((64, 1000), 0.05, 11, torch.device("cpu"))
+    m3 = dropout_keep_mask((64, 1000), 0.05, 12, torch.device("cpu"))
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    dropped = 1 - m1.double().mean().item()
+    assert abs(dropped - 0.05) < 0.004  # 64k draws: sd 0.0009
+    odd = dropout_keep_mask((3, 5, 7), 0.5, 3, torch.device("cpu"))  # numel not a multiple of 4
+    assert odd.shape == (3, 5, 7) and 0 < odd.sum() < odd.numel()
+
+
+def test_only_needed_gradients_are_computed() -> None:
+    x, base, a, b = _inputs(torch.float32, "cpu")
+    x = x.detach()  # first adapted layer: its input needs no gradient
+    y = lora_dropout_linear(x, base, a, b, 1.0, 0.1, seed=3)
+    want = lora_linear_reference(x, base, a, b, 1.0, 0.1, seed=3)
+    ga, gb = torch.autograd.grad(y.sum(), (a, b))
+    wa, wb = torch.autograd.grad(want.sum(), (a, b))
+    _close(ga, wa, 1e-5)
+    _close(gb, wb, 1e-5)
+
+
+# --- through LoraLinear ------------------------------------------------------------------------
+class _Block(nn.Module):
+    """q, k, v read the same input (the sibling case), like an attention block."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x) * torch.tanh(self.k(x)) + self.v(x)
+
+
+def _adapted(dropout: float, dtype: torch.dtype = torch.float32, **kw: object) -> nn.Module:
+    torch.manual_seed(0)
+    model = _Block().to(dtype)
+    cfg = dt.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=dropout,
+        target_modules=["q", "k", "v"],
+        init_lora_weights=False,
+        **kw,
+    )  # type: ignore[arg-type]
+    return dt.inject(model, cfg).train()
+
+
+def _run(model: nn.Module, x: torch.Tensor, fast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = x.clone().requires_grad_()
+    with fast_lora(fast):
+        y = model(x)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(y.square().sum(), [x, *params])
+    return y.detach(), list(grads)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dropout_zero_or_eval_is_bitwise_the_plain_path(train: bool) -> None:
+    model = _adapted(0.0 if train else 0.1)
+    model.train(train)
+    x = torch.randn(2, 9, 32)
+    y_fast, g_fast = _run(model, x, True)
+    y_plain, g_plain = _run(model, x, False)
+    assert torch.equal(y_fast, y_plain)
+    assert all(torch.equal(a, b) for a, b in zip(g_fast, g_plain))
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-6), (torch.float32, 1e-5)])
+def test_layer_matches_plain_formula_with_the_kernels_masks(dtype: torch.dtype, tol: float) -> None:
+    model = _adapted(0.2, dtype)
+    x = torch.randn(2, 9, 32, dtype=dtype)
+    torch.manual_seed(42)
+    y_fast, g_fast = _run(model, x, True)
+    # The kernel draws one seed per adapted layer from the global generator, in call order q, k, v.
+    torch.manual_seed(42)
+    seeds = {name: draw_seed() for name in ("q", "k", "v")}
+
+    def reference(layer: LoraLinear, name: str, inp: torch.Tensor) -> torch.Tensor:
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        return lora_linear_reference(
+            inp, layer.base_layer(inp), a, b, layer.scaling["default"], 0.2, seeds[name]
+        )
+
+    xr = x.clone().requires_grad_()
+    y_ref = reference(model.q, "q", xr) * torch.tanh(reference(model.k, "k", xr)) + reference(
+        model.v, "v", xr
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_ref = torch.autograd.grad(y_ref.square().sum(), [xr, *params])
+    _close(y_fast, y_ref.detach(), tol)
+    for got, want in zip(g_fast, g_ref):
+        _close(got, want, tol)
+
+
+def test_same_global_seed_same_result_and_masks_differ_between_siblings() -> None:
+    model = _adapted(0.3)
+    x = torch.randn(2, 9, 32)
+    torch.manual_seed(7)
+    y1, g1 = _run(model, x, True)
+    torch.manual_seed(7)
+    y2, g2 = _run(model, x, True)
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    torch.manual_seed(7)
+    s_q, s_k = draw_seed(), draw_seed()
+    assert s_q != s_k
+
+
+def test_fast_path_saves_less_for_backward() -> None:
+    model = _adapted(0.1)
+    x = torch.randn(4, 64, 32, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(fast: bool) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fast_lora(fast):
+            model(x)
+        return sum(seen.values())
+
+    fast, plain = saved_bytes(True), saved_bytes(False)
+    assert fast < plain / 2, (fast, plain)
+
+
+def test_autocast_bf16_matches_reference() -> None:
+    model = _adapted(0.1)
+    x = torch.randn(2, 9, 32)
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_fast, g_fast = _run(model, x, True)
+    torch.manual_seed(3)
+    seeds = {name: draw_seed() for name in ("q", "k", "v")}
+    xr = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+
+        def ref(layer: LoraLinear, name: str) -> torch.Tensor:
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            return lora_linear_reference(
+                xr, layer.base_layer(xr), a, b, layer.scaling["default"], 0.1, seeds[name]
+            )
+
+        y_ref = ref(model.q, "q") * torch.tanh(ref(model.k, "k")) + ref(model.v, "v")
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_ref = torch.autograd.grad(y_ref.float().square().sum(), [xr, *params])
+    assert y_fast.dtype == y_ref.dtype == torch.bfloat16
+    _close(y_fast, y_ref.detach(), 2e-2)
+    for got, want, p in zip(g_fast, g_ref, [xr, *params]):
+        assert got.dtype == p.dtype
+        _close(got, want, 5e-2)
+
+
+def test_conv1d_and_two_active_adapters() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(24, 16))
+    dt.inject(
+        model,
+        dt.LoraConfig(r=2, lora_dropout=0.2, target_modules=["0"], init_lora_weights=False),
+        "one",
+    )
+    dt.inject(
+        model,
+        dt.LoraConfig(r=3, lora_dropout=0.4, target_modules=["0"], init_lora_weights=False),
+        "two",
+    )
+    dt.set_active(model, ["one", "two"])
+    model.train()
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(1)
+    y_fast, g_fast = _run(model, x, True)
+    torch.manual_seed(1)
+    seeds = [draw_seed(), draw_seed()]
+    layer = model[0]
+    xr = x.clone().requires_grad_()
+    y = layer.base_layer(xr)
+    for seed, (name, p) in zip(seeds, [("one", 0.2), ("two", 0.4)]):
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        y = lora_linear_reference(xr, y, a, b, layer.scaling[name], p, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_ref = torch.autograd.grad(y.square().sum(), [xr, *params])
+    _close(y_fast, y.detach(), 1e-5)
+    for got, want in zip(g_fast, g_ref):
+        _close(got, want, 1e-5)
