@@ -32,8 +32,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok.save_pretrained(folder)
     assert "[UNK]" not in tok.tokenize("alpha w1")  # the fixture must really tokenise
     cfg = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     BertForSequenceClassification(cfg).save_pretrained(folder)
@@ -59,9 +63,21 @@ def csv_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_config(tmp_path: Path, model_dir: Path, data: Path, **method: object) -> Path:
     cfg = {
         "model": {"name_or_path": str(model_dir)},
-        "data": {"source": str(data), "text_column": "body", "label_column": "topic", "max_length": 16},
-        "method": method or {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
-        "train": {"epochs": 12, "batch_size": 16, "learning_rate": 2e-2, "progress": False, "device": "cpu"},
+        "data": {
+            "source": str(data),
+            "text_column": "body",
+            "label_column": "topic",
+            "max_length": 16,
+        },
+        "method": method
+        or {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+        "train": {
+            "epochs": 12,
+            "batch_size": 16,
+            "learning_rate": 2e-2,
+            "progress": False,
+            "device": "cpu",
+        },
         "output_dir": str(tmp_path / "run"),
     }
     path = tmp_path / "config.yaml"
@@ -76,7 +92,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_model_dir: Path, csv_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_run(
+    tiny_model_dir: Path, csv_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     tmp = tmp_path_factory.mktemp("train")
     cfg = write_config(tmp, tiny_model_dir, csv_data)
     assert main(["train", str(cfg), "train.eval_every_steps=5"]) == 0
@@ -84,8 +102,15 @@ def trained_run(tiny_model_dir: Path, csv_data: Path, tmp_path_factory: pytest.T
 
 
 def test_train_writes_every_output(trained_run: Path) -> None:
-    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "log.jsonl",
-                 "config.yaml", "labels.json", "training.png"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.json",
+        "log.jsonl",
+        "config.yaml",
+        "labels.json",
+        "training.png",
+    ):
         assert (trained_run / name).is_file(), name
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["method"] == "lora"
@@ -99,16 +124,28 @@ def test_train_writes_every_output(trained_run: Path) -> None:
     assert adapter_cfg["peft_type"] == "LORA" and "classifier" in adapter_cfg["modules_to_save"]
 
 
-def test_eval_matches_training_metrics(trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_matches_training_metrics(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run_cli(capsys, "eval", str(trained_run))
     assert code == 0
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert json.loads(out)["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
 
 
-def test_predict_labels_texts(trained_run: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, out, _ = run_cli(capsys, "predict", str(trained_run), "--json", "--text", "w1 w2 alpha w3",
-                           "--text", "charlie w5 w6")
+def test_predict_labels_texts(
+    trained_run: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, _ = run_cli(
+        capsys,
+        "predict",
+        str(trained_run),
+        "--json",
+        "--text",
+        "w1 w2 alpha w3",
+        "--text",
+        "charlie w5 w6",
+    )
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["label"] for r in rows] == ["topic_alpha", "topic_charlie"]
@@ -118,8 +155,9 @@ def test_predict_labels_texts(trained_run: Path, capsys: pytest.CaptureFixture[s
     assert code == 0 and len(out.splitlines()) == 2
 
 
-def test_merge_loads_with_transformers_alone(trained_run: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_merge_loads_with_transformers_alone(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from deltatune.run import load_run
@@ -145,7 +183,9 @@ def test_methods_table_lists_registry(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_print_config_shows_overrides(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "train", "--print-config", "method.name=bitfit", "train.epochs=7")
+    code, out, _ = run_cli(
+        capsys, "train", "--print-config", "method.name=bitfit", "train.epochs=7"
+    )
     assert code == 0
     cfg = yaml.safe_load(out)
     assert cfg["method"] == {"name": "bitfit"} and cfg["train"]["epochs"] == 7
@@ -155,7 +195,10 @@ def test_print_config_shows_overrides(capsys: pytest.CaptureFixture[str]) -> Non
     ("argv", "needle"),
     [
         (["train", "--print-config", "method.name=lorra"], "did you mean 'lora'"),
-        (["train", "--print-config", "train.epochs=3", "train.learning_rat=1e-3"], "did you mean 'learning_rate'"),
+        (
+            ["train", "--print-config", "train.epochs=3", "train.learning_rat=1e-3"],
+            "did you mean 'learning_rate'",
+        ),
         (["train", "--print-config", "method.lora_alpah=8"], "did you mean 'lora_alpha'"),
         (["train", "--print-config", "train.epochs=many"], "train.epochs"),
         (["train", "no/such/config.yaml"], "does not exist"),
@@ -163,15 +206,18 @@ def test_print_config_shows_overrides(capsys: pytest.CaptureFixture[str]) -> Non
         (["eval", "no/such/run"], "not a deltatune run folder"),
     ],
 )
-def test_bad_input_is_one_clear_line(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_cli(capsys, *argv)
+def test_bad_input_is_one_clear_line(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _out, err = run_cli(capsys, *argv)
     assert code == 2
     assert err.startswith("error: ") and needle in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_bad_data_and_targets(tiny_model_dir: Path, csv_data: Path, tmp_path: Path,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_data_and_targets(
+    tiny_model_dir: Path, csv_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = write_config(tmp_path, tiny_model_dir, csv_data)
     cases = [
         (["data.label_column=category"], "category"),
@@ -185,7 +231,9 @@ def test_bad_data_and_targets(tiny_model_dir: Path, csv_data: Path, tmp_path: Pa
         assert needle in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_corrupt_adapter_is_refused(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_adapter_is_refused(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import shutil
 
     broken = tmp_path / "broken"

@@ -30,7 +30,7 @@ from deltatune.errors import CheckpointError, ConfigError
 from deltatune.io import save_safetensors, write_json
 from deltatune.layers import ModulesToSave
 from deltatune.model import active_adapters, adapter_layers, delete, inject, set_active, state_of
-from deltatune.registry import MethodConfig, get_method, method_for_peft_type
+from deltatune.registry import MethodConfig, method_for_peft_type
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -43,20 +43,27 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "qalora_group_size": 16,
     "runtime_config": {"ephemeral_gpu_offload": False},
 }
-PEFT_METADATA = frozenset({"auto_mapping", "revision", "inference_mode", "peft_version", "peft_type"})
+PEFT_METADATA = frozenset(
+    {"auto_mapping", "revision", "inference_mode", "peft_version", "peft_type"}
+)
 
 
 def _is_default(value: Any) -> bool:
     return value is None or value is False or value == {} or value == [] or value == ""
 
 
-def config_to_peft_dict(model: nn.Module, config: MethodConfig, adapter_name: str) -> dict[str, Any]:
+def config_to_peft_dict(
+    model: nn.Module, config: MethodConfig, adapter_name: str
+) -> dict[str, Any]:
     data = config.to_dict()
     if data.get("target_modules") == "all-linear":
         # PEFT writes the expanded list of module paths; do the same so both libraries agree.
         data["target_modules"] = sorted(
-            {name for name, layer in adapter_layers(model)
-             if adapter_name in layer.adapter_names and not isinstance(layer, ModulesToSave)}
+            {
+                name
+                for name, layer in adapter_layers(model)
+                if adapter_name in layer.adapter_names and not isinstance(layer, ModulesToSave)
+            }
         )
     from deltatune.model import modules_to_save_of
 
@@ -81,9 +88,11 @@ def config_from_peft_dict(raw: dict[str, Any], where: str) -> MethodConfig:
     for key, value in raw.items():
         if key in fields:
             clean[key] = value
-        elif key in PEFT_METADATA or key in spec.config_cls.ignored_keys:
-            continue
-        elif key in PEFT_DEFAULTS and value == PEFT_DEFAULTS[key]:
+        elif (
+            key in PEFT_METADATA
+            or key in spec.config_cls.ignored_keys
+            or (key in PEFT_DEFAULTS and value == PEFT_DEFAULTS[key])
+        ):
             continue
         elif not _is_default(value):
             raise CheckpointError(
@@ -100,7 +109,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """This adapter's tensors under PEFT's saved key names."""
     state = state_of(model)
     if adapter_name not in state.configs:
-        raise CheckpointError(f"no adapter named '{adapter_name}' (adapters: {', '.join(state.configs) or 'none'})")
+        raise CheckpointError(
+            f"no adapter named '{adapter_name}' (adapters: {', '.join(state.configs) or 'none'})"
+        )
     out: dict[str, torch.Tensor] = {}
     params = dict(model.named_parameters())
     trained = state.in_place_params.get(adapter_name, [])
@@ -110,7 +121,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         # Persistent buffers (BatchNorm running statistics) of modules trained in place go along.
         persistent = model.state_dict(keep_vars=True)
         for mname, module in model.named_modules():
-            own = [f"{mname}.{p}" if mname else p for p, _ in module.named_parameters(recurse=False)]
+            own = [
+                f"{mname}.{p}" if mname else p for p, _ in module.named_parameters(recurse=False)
+            ]
             if own and all(n in params and n in trained for n in own):
                 for bname, _ in module.named_buffers(recurse=False):
                     key = f"{mname}.{bname}" if mname else bname
@@ -123,11 +136,15 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return out
 
 
-def save_adapter(model: nn.Module, save_dir: str | os.PathLike[str], adapter_name: str = "default") -> Path:
+def save_adapter(
+    model: nn.Module, save_dir: str | os.PathLike[str], adapter_name: str = "default"
+) -> Path:
     """Write one adapter (config + tensors) into ``save_dir``. Returns the folder."""
     state = state_of(model)
     if adapter_name not in state.configs:
-        raise CheckpointError(f"no adapter named '{adapter_name}' (adapters: {', '.join(state.configs) or 'none'})")
+        raise CheckpointError(
+            f"no adapter named '{adapter_name}' (adapters: {', '.join(state.configs) or 'none'})"
+        )
     out = Path(save_dir)
     tensors = adapter_state_dict(model, adapter_name)
     config = state.configs[adapter_name]
@@ -148,7 +165,9 @@ def read_adapter_config(path: str | os.PathLike[str]) -> MethodConfig:
     folder = Path(path)
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
-        raise CheckpointError(f"'{folder}' holds no {CONFIG_NAME}; give the folder an adapter was saved to")
+        raise CheckpointError(
+            f"'{folder}' holds no {CONFIG_NAME}; give the folder an adapter was saved to"
+        )
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -165,12 +184,18 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as fh:
             return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"'{path}' is corrupt or not a safetensors file ({exc}); re-save the adapter") from None
+        raise CheckpointError(
+            f"'{path}' is corrupt or not a safetensors file ({exc}); re-save the adapter"
+        ) from None
 
 
 def _key_report(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
     parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("shape mismatch", mismatched),
+    ):
         if keys:
             shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
             parts.append(f"{len(keys)} {label}: {shown}")
@@ -192,28 +217,34 @@ def load_adapter(
     config = read_adapter_config(folder)
     tensors = read_tensors(folder / WEIGHTS_NAME)
     base_extra = {
-        k: v for k, v in tensors.items() if k.endswith(".base_layer.weight") or k.endswith(".base_layer.bias")
+        k: v
+        for k, v in tensors.items()
+        if k.endswith(".base_layer.weight") or k.endswith(".base_layer.bias")
     }
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     active = active_adapters(model)
     try:
         inject(model, config, adapter_name)
     except ConfigError as exc:  # e.g. its target modules are not in this model
-        raise CheckpointError(f"adapter at '{folder}' does not fit this {type(model).__name__}: {exc}") from None
+        raise CheckpointError(
+            f"adapter at '{folder}' does not fit this {type(model).__name__}: {exc}"
+        ) from None
     expected = adapter_state_dict(model, adapter_name)
     module_params = dict(model.named_parameters())
     missing = sorted(k for k in expected if k not in tensors)
     unexpected = sorted(
-        k for k in tensors
-        if k not in expected and not (k in base_extra and k[len(PREFIX):] in module_params)
+        k
+        for k in tensors
+        if k not in expected and not (k in base_extra and k[len(PREFIX) :] in module_params)
     )
     mismatched = sorted(
         f"{k} {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected if k in tensors and tensors[k].shape != expected[k].shape
+        for k in expected
+        if k in tensors and tensors[k].shape != expected[k].shape
     ) + sorted(
-        f"{k} {tuple(v.shape)} vs model {tuple(module_params[k[len(PREFIX):]].shape)}"
+        f"{k} {tuple(v.shape)} vs model {tuple(module_params[k[len(PREFIX) :]].shape)}"
         for k, v in base_extra.items()
-        if k[len(PREFIX):] in module_params and v.shape != module_params[k[len(PREFIX):]].shape
+        if k[len(PREFIX) :] in module_params and v.shape != module_params[k[len(PREFIX) :]].shape
     )
     if missing or unexpected or mismatched:
         # Leave the model as it was: without this adapter, the same adapters active and trainable.
@@ -231,7 +262,7 @@ def load_adapter(
         for key, target in expected.items():
             target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
         for key, value in base_extra.items():
-            param = module_params[key[len(PREFIX):]]
+            param = module_params[key[len(PREFIX) :]]
             param.copy_(value.to(dtype=param.dtype, device=param.device))
     if not is_trainable:
         for t in expected.values():
@@ -240,7 +271,9 @@ def load_adapter(
     return model
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike[str], *, is_trainable: bool = False) -> list[str]:
+def load_adapters(
+    model: nn.Module, path: str | os.PathLike[str], *, is_trainable: bool = False
+) -> list[str]:
     """Load every adapter of a :func:`save_adapters` folder; returns their names."""
     folder = Path(path)
     if not folder.is_dir():
@@ -257,9 +290,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str], *, is_trainabl
     return names
 
 
-def export_merged(
-    model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = None
-) -> Path:
+def export_merged(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> Path:
     """Merge the active adapters into a copy of ``model`` and save it with ``save_pretrained``.
 
     The result loads with transformers alone. Written into a temporary folder and renamed, so a
@@ -300,5 +331,3 @@ __all__ = [
     "save_adapter",
     "save_adapters",
 ]
-
-

@@ -34,10 +34,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     m = result.metrics
     out = result.output_dir
     print()
-    print(f"test accuracy      {m['test']['accuracy']:.4f}   (macro-F1 {m['test'].get('macro_f1', float('nan')):.4f}, "
-          f"{m['train_examples']} training examples)")
+    print(
+        f"test accuracy      {m['test']['accuracy']:.4f}   (macro-F1 {m['test'].get('macro_f1', float('nan')):.4f}, "
+        f"{m['train_examples']} training examples)"
+    )
     print(f"validation acc.    {m['val']['accuracy']:.4f}")
-    print(f"trainable params   {m['trainable_params']:,} of {m['total_params']:,} ({m['trainable_percent']:.3f}%)")
+    print(
+        f"trainable params   {m['trainable_params']:,} of {m['total_params']:,} ({m['trainable_percent']:.3f}%)"
+    )
     print(f"wall time          {m['wall_time_s']:.1f} s")
     print(f"adapter            {out / 'adapter_model.safetensors'} (+ adapter_config.json)")
     print(f"metrics            {out / 'metrics.json'}   per-step log {out / 'log.jsonl'}")
@@ -62,9 +66,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         path = Path(args.file)
         if not path.is_file():
             raise DeltatuneError(f"--file '{path}' does not exist")
-        texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts += [
+            line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
     if not texts:
-        raise DeltatuneError("give texts to label with --text \"...\" (repeatable) or --file FILE (one per line)")
+        raise DeltatuneError(
+            'give texts to label with --text "..." (repeatable) or --file FILE (one per line)'
+        )
     rows = predict_texts(args.run_dir, texts)
     for row in rows:
         if args.json:
@@ -79,7 +87,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from deltatune.run import merge_run
 
     out = merge_run(args.run_dir, args.out_dir)
-    print(f"merged model written to {out} (load it with transformers.AutoModelForSequenceClassification.from_pretrained)")
+    print(
+        f"merged model written to {out} (load it with transformers.AutoModelForSequenceClassification.from_pretrained)"
+    )
     return 0
 
 
@@ -89,11 +99,20 @@ def methods_table() -> list[dict[str, Any]]:
     rows = []
     for spec in methods().values():
         c = spec.capabilities
-        rows.append({
-            "method": spec.name, "family": spec.family, "train": c.train, "merge": c.merge, "save": c.save,
-            "peft_compatible": c.peft_compatible, "qlora": c.qlora, "multi_adapter": c.multi_adapter,
-            "default_lr": spec.default_lr, "summary": spec.summary,
-        })
+        rows.append(
+            {
+                "method": spec.name,
+                "family": spec.family,
+                "train": c.train,
+                "merge": c.merge,
+                "save": c.save,
+                "peft_compatible": c.peft_compatible,
+                "qlora": c.qlora,
+                "multi_adapter": c.multi_adapter,
+                "default_lr": spec.default_lr,
+                "summary": spec.summary,
+            }
+        )
     return rows
 
 
@@ -107,18 +126,24 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['method']:<10} {r['family']:<10} {yes[r['train']]:<6} {yes[r['merge']]:<6} {yes[r['save']]:<5} "
-              f"{yes[r['peft_compatible']]:<5} {yes[r['qlora']]:<6} {yes[r['multi_adapter']]:<6} {r['default_lr']:<8g} {r['summary']}")
+        print(
+            f"{r['method']:<10} {r['family']:<10} {yes[r['train']]:<6} {yes[r['merge']]:<6} {yes[r['save']]:<5} "
+            f"{yes[r['peft_compatible']]:<5} {yes[r['qlora']]:<6} {yes[r['multi_adapter']]:<6} {r['default_lr']:<8g} {r['summary']}"
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Fine-tune pretrained models (full to parameter-efficient).")
+    parser = argparse.ArgumentParser(
+        prog="deltatune", description="Fine-tune pretrained models (full to parameter-efficient)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune (no config: LoRA on MiniLM + BBC News)")
     p.add_argument("config", nargs="?", help="YAML config (see configs/reference.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=1 method.r=16")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=1 method.r=16"
+    )
     p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
     p.add_argument("--output-dir", help="shorthand for output_dir=...")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -160,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: file not found: {exc.filename or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; `deltatune train ... --resume` continues from the last checkpoint", file=sys.stderr)
+        print(
+            "interrupted; `deltatune train ... --resume` continues from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -46,7 +46,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         errors = []
         # Try exact-type matches first so that "3" stays a str in `str | int`.
-        for arg in sorted(args, key=lambda a: 0 if isinstance(a, type) and isinstance(value, a) else 1):
+        for arg in sorted(
+            args, key=lambda a: 0 if isinstance(a, type) and isinstance(value, a) else 1
+        ):
             if arg is type(None):
                 continue
             try:
@@ -146,7 +148,8 @@ class BaseConfig:
             if key not in types_:
                 place = f" in {where}" if where else f" for {cls.__name__}"
                 raise ConfigError(
-                    f"unknown config key '{key}'{place}" + did_you_mean(str(key), types_)
+                    f"unknown config key '{key}'{place}"
+                    + did_you_mean(str(key), types_)
                     + f" (valid keys: {', '.join(sorted(types_))})"
                 )
             field_where = f"{where}.{key}" if where else key
@@ -193,7 +196,9 @@ class BaseConfig:
         try:
             data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"config file '{p}' is not valid {p.suffix[1:].upper()}: {exc}") from None
+            raise ConfigError(
+                f"config file '{p}' is not valid {p.suffix[1:].upper()}: {exc}"
+            ) from None
         return cls.from_dict(data or {}, where=p.name)
 
 

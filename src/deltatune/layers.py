@@ -46,7 +46,7 @@ class AdapterLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         names: list[str] = []
         for attr in self.adapter_attributes:
-            for key in getattr(self, attr).keys():
+            for key in getattr(self, attr):
                 if key not in names:
                     names.append(key)
         return names
@@ -56,7 +56,9 @@ class AdapterLayer(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
-            raise DeltatuneError(f"adapter '{adapter_name}' is merged; unmerge it before deleting it")
+            raise DeltatuneError(
+                f"adapter '{adapter_name}' is merged; unmerge it before deleting it"
+            )
         for attr in self.adapter_attributes:
             container = getattr(self, attr)
             if adapter_name in container:
@@ -87,7 +89,9 @@ class AdapterLayer(nn.Module):
     # --- merging ------------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The change this adapter makes to ``base_layer.weight`` (same shape), if mergeable."""
-        raise DeltatuneError(f"{type(self).__name__} adapters cannot be merged into the base weights")
+        raise DeltatuneError(
+            f"{type(self).__name__} adapters cannot be merged into the base weights"
+        )
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         names = adapter_names if adapter_names is not None else list(self.active_adapters)
@@ -97,8 +101,15 @@ class AdapterLayer(nn.Module):
             self._merge_one(name, safe_merge)
             self.merged_adapters.append(name)
 
-    def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+    @property
+    def base_weight_param(self) -> torch.Tensor:
+        """``base_layer.weight`` (typed: every mergeable wrapped module has one)."""
         weight = self.base_layer.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
+
+    def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+        weight = self.base_weight_param
         delta = self.delta_weight(adapter_name).to(weight.dtype)
         if safe_merge:
             merged = weight.data + delta
@@ -117,7 +128,8 @@ class AdapterLayer(nn.Module):
             self._unmerge_one(name)
 
     def _unmerge_one(self, adapter_name: str) -> None:
-        self.base_layer.weight.data -= self.delta_weight(adapter_name).to(self.base_layer.weight.dtype)
+        weight = self.base_weight_param
+        weight.data -= self.delta_weight(adapter_name).to(weight.dtype)
 
     def unloaded(self, merge: bool) -> nn.Module:
         """The plain module to put back in the model (with the active adapters merged if asked)."""

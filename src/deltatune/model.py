@@ -57,7 +57,9 @@ def modules_to_save_of(config: MethodConfig) -> list[str]:
     return names
 
 
-def _wrap_modules_to_save(model: nn.Module, patterns: list[str], adapter_name: str, explicit: int) -> None:
+def _wrap_modules_to_save(
+    model: nn.Module, patterns: list[str], adapter_name: str, explicit: int
+) -> None:
     found = 0
     for name, module in list(model.named_modules()):
         if not name or not any(name == p or name.endswith("." + p) for p in patterns):
@@ -81,7 +83,8 @@ def _wrap_modules_to_save(model: nn.Module, patterns: list[str], adapter_name: s
 def _inside_adapter_layer(model: nn.Module, name: str) -> bool:
     parts = name.split(".")
     return any(
-        isinstance(model.get_submodule(".".join(parts[:i])), AdapterLayer) for i in range(1, len(parts))
+        isinstance(model.get_submodule(".".join(parts[:i])), AdapterLayer)
+        for i in range(1, len(parts))
     )
 
 
@@ -91,11 +94,15 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
     Returns the same ``model`` object, for chaining.
     """
     if not isinstance(config, MethodConfig):
-        raise ConfigError(f"inject needs a method config (e.g. LoraConfig), got {type(config).__name__}")
+        raise ConfigError(
+            f"inject needs a method config (e.g. LoraConfig), got {type(config).__name__}"
+        )
     spec = get_method(config.method_name)
     state = state_of(model)
     if adapter_name in state.configs:
-        raise ConfigError(f"adapter '{adapter_name}' already exists; pick another adapter_name or delete it")
+        raise ConfigError(
+            f"adapter '{adapter_name}' already exists; pick another adapter_name or delete it"
+        )
     if state.in_place_params:
         raise ConfigError(
             "this model is being trained in place (full fine-tuning / layer freezing); "
@@ -103,7 +110,9 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
         )
     # Freeze the base (every parameter that is not another adapter's).
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-    adapter_params = {id(p) for _, layer in adapter_layers(model) for p in _adapter_parameters(layer)}
+    adapter_params = {
+        id(p) for _, layer in adapter_layers(model) for p in _adapter_parameters(layer)
+    }
     for p in model.parameters():
         if id(p) not in adapter_params:
             p.requires_grad_(False)
@@ -165,7 +174,9 @@ def _check_names(model: nn.Module, names: list[str]) -> None:
     known = adapter_names(model)
     for n in names:
         if n not in known:
-            raise ConfigError(f"no adapter named '{n}' on this model (adapters: {', '.join(known) or 'none'})")
+            raise ConfigError(
+                f"no adapter named '{n}' on this model (adapters: {', '.join(known) or 'none'})"
+            )
 
 
 def set_active(model: nn.Module, adapter_name: str | list[str]) -> None:
@@ -241,7 +252,9 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
             continue  # trained in place: the base weights already are the result
         spec = get_method(state_of(model).configs[n].method_name)
         if not spec.capabilities.merge:
-            raise DeltatuneError(f"adapter '{n}' ({spec.name}) cannot be merged into the base weights")
+            raise DeltatuneError(
+                f"adapter '{n}' ({spec.name}) cannot be merged into the base weights"
+            )
     done: list[tuple[AdapterLayer, int]] = []
     for layer_name, layer in adapter_layers(model):
         before = len(layer.merged_adapters)
@@ -320,9 +333,15 @@ def trainable_report(model: nn.Module) -> TrainableReport:
 
 def _group_name(param_name: str) -> str:
     parts = param_name.split(".")
-    for i, part in enumerate(parts):
-        if part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-                    "modules_to_save") or part.startswith(("bitfit", "ia3", "adapter")):
+    for part in parts:
+        if part in (
+            "lora_A",
+            "lora_B",
+            "lora_embedding_A",
+            "lora_embedding_B",
+            "lora_magnitude_vector",
+            "modules_to_save",
+        ) or part.startswith(("bitfit", "ia3", "adapter")):
             return part
     return ".".join(p for p in parts if not p.isdigit())[:40]
 

@@ -117,10 +117,16 @@ def replace_head(model: nn.Module, num_outputs: int, head: str | None = None) ->
     like ``nn.Linear`` and trainable.
     """
     if head is None:
-        names = [n for n, m in model.named_modules() if n.split(".")[-1] in HEAD_NAMES and isinstance(m, nn.Linear)]
+        names = [
+            n
+            for n, m in model.named_modules()
+            if n.split(".")[-1] in HEAD_NAMES and isinstance(m, nn.Linear)
+        ]
         names = names or sorted(output_layer_names(model))
         if not names:
-            raise ConfigError(f"cannot find the output layer of {type(model).__name__}; pass head=<module name>")
+            raise ConfigError(
+                f"cannot find the output layer of {type(model).__name__}; pass head=<module name>"
+            )
         head = names[-1]
     try:
         old = model.get_submodule(head)

@@ -89,7 +89,8 @@ def get_method(name: str) -> MethodSpec:
     _ensure_loaded()
     if name not in _METHODS:
         raise ConfigError(
-            f"unknown method '{name}'" + did_you_mean(name, _METHODS)
+            f"unknown method '{name}'"
+            + did_you_mean(name, _METHODS)
             + f" (registered: {', '.join(_METHODS)}; `deltatune methods` lists them)"
         )
     return _METHODS[name]
@@ -111,6 +112,8 @@ def config_from_dict(data: Mapping[str, Any], *, where: str = "method") -> Metho
     data = dict(data)
     name = data.pop("name", None)
     if name is None:
-        raise ConfigError(f"{where}: missing 'name' (e.g. name: lora; `deltatune methods` lists them)")
+        raise ConfigError(
+            f"{where}: missing 'name' (e.g. name: lora; `deltatune methods` lists them)"
+        )
     spec = get_method(str(name))
     return spec.config_cls.from_dict(data, where=where)

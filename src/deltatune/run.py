@@ -35,7 +35,7 @@ from deltatune.io import write_json, write_text
 from deltatune.model import inject, trainable_report
 from deltatune.models import ModelConfig, load_classifier, load_tokenizer
 from deltatune.registry import MethodConfig, config_from_dict, get_method
-from deltatune.train import ClassificationTask, TrainerConfig, fit
+from deltatune.train import ClassificationTask, TrainerConfig, fit, resolve_device
 
 RUN_CONFIG_NAME = "config.yaml"
 LABELS_NAME = "labels.json"
@@ -44,7 +44,13 @@ PLOT_NAME = "training.png"
 
 
 def default_method() -> dict[str, Any]:
-    return {"name": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
+    return {
+        "name": "lora",
+        "r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "target_modules": "all-linear",
+    }
 
 
 @dataclasses.dataclass
@@ -76,7 +82,9 @@ def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
         if not isinstance(user, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping of sections (model, data, method, train)")
+            raise ConfigError(
+                f"config file '{p}' must hold a mapping of sections (model, data, method, train)"
+            )
         if "method" in user and isinstance(user["method"], dict):
             data["method"] = {}  # a config's method section replaces the default one whole
         data = _deep_update(data, user)
@@ -104,15 +112,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device='{name}' is not a device (use auto, cpu, cuda, cuda:0)") from None
-
-
 @dataclasses.dataclass
 class RunResult:
     output_dir: Path
@@ -124,7 +123,11 @@ def build_model(cfg: RunConfig, label_names: list[str]) -> nn.Module:
     model = load_classifier(cfg.model, label_names)
     method_cfg = cfg.method_config()
     if cfg.model.task == "sequence-classification" and method_cfg.task_type is None:
-        method_cfg = method_cfg.replace(task_type="SEQ_CLS") if _has_field(method_cfg, "modules_to_save") else method_cfg
+        method_cfg = (
+            method_cfg.replace(task_type="SEQ_CLS")
+            if _has_field(method_cfg, "modules_to_save")
+            else method_cfg
+        )
     if method_cfg.base_model_name_or_path is None:
         method_cfg = method_cfg.replace(base_model_name_or_path=cfg.model.name_or_path)
     inject(model, method_cfg)
@@ -143,17 +146,19 @@ def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> Run
     splits = load_text_splits(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg, splits.label_names)
-    device = pick_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     model.to(device)
     spec = get_method(cfg.method_config().method_name)
     report = trainable_report(model)
-    echo(f"method {spec.name}: {report.trainable:,} trainable of {report.total:,} parameters ({report.percent:.3f}%)")
+    echo(
+        f"method {spec.name}: {report.trainable:,} trainable of {report.total:,} parameters ({report.percent:.3f}%)"
+    )
 
     collate = PadCollator(tokenizer)
     train_ds = TokenizedDataset(splits.train, tokenizer, cfg.data.max_length)
     val_ds = TokenizedDataset(splits.val, tokenizer, cfg.data.max_length)
     test_ds = TokenizedDataset(splits.test, tokenizer, cfg.data.max_length)
-    task = ClassificationTask()
+    task = ClassificationTask(num_labels=len(splits.label_names))
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / RUN_CONFIG_NAME, cfg.to_yaml())
     write_json(out / LABELS_NAME, splits.label_names)
@@ -161,7 +166,9 @@ def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> Run
     history: list[dict[str, Any]] = []
     fit_info: dict[str, Any] = {}
     if spec.fit is not None:
-        loader = make_loader(train_ds, cfg.train.eval_batch_size, shuffle=False, seed=cfg.train.seed, collate=collate)
+        loader = make_loader(
+            train_ds, cfg.train.eval_batch_size, shuffle=False, seed=cfg.train.seed, collate=collate
+        )
         batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
         fit_info = spec.fit(model, model_method_config(model), batches)
         echo(f"fitted in closed form: {fit_info}")
@@ -169,9 +176,15 @@ def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> Run
         train_cfg = cfg.train
         if train_cfg.learning_rate is None:
             train_cfg = train_cfg.replace(learning_rate=spec.default_lr)
-        result = fit(model, task, train_ds, val_ds, train_cfg, out, collate_fn=collate, resume=resume)
+        result = fit(
+            model, task, train_ds, val_ds, train_cfg, out, collate_fn=collate, resume=resume
+        )
         history = result.history
-        fit_info = {"steps": result.steps, "best_step": result.best_step, "stopped_early": result.stopped_early}
+        fit_info = {
+            "steps": result.steps,
+            "best_step": result.best_step,
+            "stopped_early": result.stopped_early,
+        }
 
     def evaluate(ds: TokenizedDataset) -> dict[str, float]:
         loader = make_loader(ds, cfg.train.eval_batch_size, shuffle=False, seed=0, collate=collate)
@@ -218,7 +231,9 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, Any, list[str]]
     folder = Path(run_dir)
     cfg_path = folder / RUN_CONFIG_NAME
     if not cfg_path.is_file():
-        raise DeltatuneError(f"'{folder}' is not a deltatune run folder (no {RUN_CONFIG_NAME}); give a `deltatune train` output_dir")
+        raise DeltatuneError(
+            f"'{folder}' is not a deltatune run folder (no {RUN_CONFIG_NAME}); give a `deltatune train` output_dir"
+        )
     cfg = RunConfig.from_file(cfg_path)
     labels_path = folder / LABELS_NAME
     if not labels_path.is_file():
@@ -226,33 +241,47 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, Any, list[str]]
     label_names = json.loads(labels_path.read_text())
     model = load_classifier(cfg.model, label_names)
     load_adapter(model, folder)
-    model.to(pick_device(cfg.train.device)).eval()
+    model.to(resolve_device(cfg.train.device)).eval()
     return cfg, model, load_tokenizer(cfg.model), label_names
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str], split: str = "test") -> dict[str, float]:
+def evaluate_run(
+    run_dir: str | Path, overrides: list[str], split: str = "test"
+) -> dict[str, float]:
     cfg, model, tokenizer, label_names = load_run(run_dir)
     if overrides:
         data = apply_overrides({"data": cfg.data.to_dict()}, overrides)
         cfg = dataclasses.replace(cfg, data=DataConfig.from_dict(data["data"], where="data"))
     splits = load_text_splits(cfg.data)
     if splits.label_names != label_names:
-        raise DeltatuneError(f"the data's labels {splits.label_names} differ from the run's {label_names}")
+        raise DeltatuneError(
+            f"the data's labels {splits.label_names} differ from the run's {label_names}"
+        )
     examples = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
     ds = TokenizedDataset(examples, tokenizer, cfg.data.max_length)
-    loader = make_loader(ds, cfg.train.eval_batch_size, shuffle=False, seed=0, collate=PadCollator(tokenizer))
-    return ClassificationTask().evaluate(model, loader)
+    loader = make_loader(
+        ds, cfg.train.eval_batch_size, shuffle=False, seed=0, collate=PadCollator(tokenizer)
+    )
+    return ClassificationTask(num_labels=len(label_names)).evaluate(model, loader)
 
 
 @torch.no_grad()
-def predict_texts(run_dir: str | Path, texts: list[str], batch_size: int = 32) -> list[dict[str, Any]]:
+def predict_texts(
+    run_dir: str | Path, texts: list[str], batch_size: int = 32
+) -> list[dict[str, Any]]:
     """Label each text with the run's adapter: ``[{text, label, score}]``."""
     cfg, model, tokenizer, label_names = load_run(run_dir)
     device = next(model.parameters()).device
     out: list[dict[str, Any]] = []
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
-        enc = tokenizer(chunk, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
+        enc = tokenizer(
+            chunk,
+            truncation=True,
+            max_length=cfg.data.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
         probs = logits.float().softmax(-1)
         for text, p in zip(chunk, probs):

@@ -44,7 +44,9 @@ def _matches(name: str, pattern: str | Sequence[str]) -> bool:
 
 def _layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | None:
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
-    regexes = [rf"(?:^|.*\.){re.escape(p)}\.(\d+)(?:\.|$)" for p in patterns] or [r".*?\.(\d+)(?:\.|$)"]
+    regexes = [rf"(?:^|.*\.){re.escape(p)}\.(\d+)(?:\.|$)" for p in patterns] or [
+        r".*?\.(\d+)(?:\.|$)"
+    ]
     for rx in regexes:
         m = re.match(rx, name)
         if m:
@@ -58,9 +60,9 @@ def output_layer_names(model: nn.Module) -> set[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     for name, module in model.named_modules():
-        if out is not None and module is out:
-            names.add(name)
-        elif name.split(".")[-1] in HEAD_NAMES and is_linear_like(module) and name.count(".") <= 1:
+        if (out is not None and module is out) or (
+            name.split(".")[-1] in HEAD_NAMES and is_linear_like(module) and name.count(".") <= 1
+        ):
             names.add(name)
     return names
 
@@ -77,7 +79,9 @@ def select_modules(
 ) -> list[str]:
     """Return the names of the modules selected by the PEFT-style arguments, in model order."""
     if target_modules is None or (not isinstance(target_modules, str) and len(target_modules) == 0):
-        raise ConfigError(f"{field} is empty: give module names (e.g. [query, value]) or 'all-linear'")
+        raise ConfigError(
+            f"{field} is empty: give module names (e.g. [query, value]) or 'all-linear'"
+        )
     skip = set(skip)
     named = [(n, m) for n, m in model.named_modules() if n and n not in skip]
     if target_modules == "all-linear":
@@ -94,9 +98,15 @@ def select_modules(
     if exclude_modules:
         chosen = [n for n in chosen if not _matches(n, exclude_modules)]
         if not chosen:
-            raise ConfigError(f"exclude_modules={exclude_modules!r} removes every module selected by {field}")
+            raise ConfigError(
+                f"exclude_modules={exclude_modules!r} removes every module selected by {field}"
+            )
     if layers_to_transform is not None:
-        wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
+        wanted = (
+            {layers_to_transform}
+            if isinstance(layers_to_transform, int)
+            else set(layers_to_transform)
+        )
         chosen = [n for n in chosen if _layer_index(n, layers_pattern) in wanted]
         if not chosen:
             raise ConfigError(

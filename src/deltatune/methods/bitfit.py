@@ -54,7 +54,9 @@ class BitFitLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         bias = getattr(base_layer, "bias", None)
         if not isinstance(bias, torch.Tensor):
-            raise ConfigError(f"{type(base_layer).__name__} has no bias for BitFit to train; exclude it")
+            raise ConfigError(
+                f"{type(base_layer).__name__} has no bias for BitFit to train; exclude it"
+            )
         super().__init__(base_layer)
         self.bitfit_bias = nn.ParameterDict()
         self.channel_first = isinstance(base_layer, _CHANNEL_FIRST)
@@ -70,7 +72,9 @@ class BitFitLayer(AdapterLayer):
         bias: torch.Tensor = self.base_layer.bias  # type: ignore[assignment]
         merged = bias.data + self.bitfit_bias[adapter_name].data
         if safe_merge and not torch.isfinite(merged).all():
-            raise DeltatuneError(f"merging BitFit adapter '{adapter_name}' would put NaN/Inf into a bias")
+            raise DeltatuneError(
+                f"merging BitFit adapter '{adapter_name}' would put NaN/Inf into a bias"
+            )
         bias.data.copy_(merged)
 
     def _unmerge_one(self, adapter_name: str) -> None:
@@ -90,20 +94,33 @@ def inject_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> 
     explicit = config.target_modules is not None
     if explicit:
         names = select_modules(
-            model, config.target_modules, exclude_modules=config.exclude_modules,
-            layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
+            model,
+            config.target_modules,
+            exclude_modules=config.exclude_modules,
+            layers_to_transform=config.layers_to_transform,
+            layers_pattern=config.layers_pattern,
         )
     else:
         # Existing BitFit layers count too, so that a second named adapter reaches them.
         names = [
-            n for n, m in model.named_modules()
-            if n and (isinstance(m, BitFitLayer) or (
-                isinstance(getattr(m, "bias", None), torch.Tensor) and not isinstance(m, AdapterLayer)))
+            n
+            for n, m in model.named_modules()
+            if n
+            and (
+                isinstance(m, BitFitLayer)
+                or (
+                    isinstance(getattr(m, "bias", None), torch.Tensor)
+                    and not isinstance(m, AdapterLayer)
+                )
+            )
         ]
         if config.exclude_modules or config.layers_to_transform is not None:
             names = select_modules(
-                model, names, exclude_modules=config.exclude_modules,
-                layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
+                model,
+                names,
+                exclude_modules=config.exclude_modules,
+                layers_to_transform=config.layers_to_transform,
+                layers_pattern=config.layers_pattern,
             )
     from deltatune.model import modules_to_save_of
 
@@ -114,7 +131,10 @@ def inject_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> 
     for name in names:
         # Skip modules nested in another adapter (e.g. a LoRA layer's base_layer).
         parts = parts_of[name]
-        if any(isinstance(model.get_submodule(".".join(parts[:i])), AdapterLayer) for i in range(1, len(parts))):
+        if any(
+            isinstance(model.get_submodule(".".join(parts[:i])), AdapterLayer)
+            for i in range(1, len(parts))
+        ):
             continue
         module = model.get_submodule(name)
         if isinstance(module, BitFitLayer):

@@ -55,14 +55,24 @@ def find_head(model: nn.Module, head: str | None) -> str:
         try:
             module = model.get_submodule(head)
         except AttributeError:
-            raise ConfigError(f"head='{head}' is not a submodule of {type(model).__name__}") from None
+            raise ConfigError(
+                f"head='{head}' is not a submodule of {type(model).__name__}"
+            ) from None
         if not isinstance(module, nn.Linear):
-            raise ConfigError(f"head='{head}' is a {type(module).__name__}; the feature-based method fits a Linear")
+            raise ConfigError(
+                f"head='{head}' is a {type(module).__name__}; the feature-based method fits a Linear"
+            )
         return head
-    candidates = [n for n, m in model.named_modules() if n.split(".")[-1] in HEAD_NAMES and isinstance(m, nn.Linear)]
+    candidates = [
+        n
+        for n, m in model.named_modules()
+        if n.split(".")[-1] in HEAD_NAMES and isinstance(m, nn.Linear)
+    ]
     candidates += sorted(output_layer_names(model) - set(candidates))
     if not candidates:
-        raise ConfigError(f"cannot find the classification head of {type(model).__name__}; set head: <module name>")
+        raise ConfigError(
+            f"cannot find the classification head of {type(model).__name__}; set head: <module name>"
+        )
     return candidates[-1]
 
 
@@ -72,7 +82,9 @@ def inject_features(model: nn.Module, config: FeaturesConfig, adapter_name: str)
     head = find_head(model, config.head)
     for p in model.parameters():
         p.requires_grad_(False)
-    state_of(model).in_place_params[adapter_name] = [f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()]
+    state_of(model).in_place_params[adapter_name] = [
+        f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()
+    ]
 
 
 @torch.no_grad()
@@ -83,7 +95,9 @@ def collect_head_inputs(
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     module = model.get_submodule(head)
-    handle = module.register_forward_hook(lambda _m, args, _out: feats.append(args[0].detach().float().cpu()))
+    handle = module.register_forward_hook(
+        lambda _m, args, _out: feats.append(args[0].detach().float().cpu())
+    )
     was_training = model.training
     model.eval()
     try:
@@ -98,7 +112,9 @@ def collect_head_inputs(
     return x.numpy(), torch.cat(labels).numpy()
 
 
-def fit_features(model: nn.Module, config: FeaturesConfig, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+def fit_features(
+    model: nn.Module, config: FeaturesConfig, batches: Iterable[dict[str, Any]]
+) -> dict[str, float]:
     """Fit the head by logistic regression on cached frozen features; return train accuracy."""
     from sklearn.linear_model import LogisticRegression
 
@@ -107,7 +123,9 @@ def fit_features(model: nn.Module, config: FeaturesConfig, batches: Iterable[dic
     x, y = collect_head_inputs(model, head_name, batches)
     n_classes = head.out_features
     if y.max() >= n_classes:
-        raise ConfigError(f"labels go up to {int(y.max())} but the head '{head_name}' has {n_classes} outputs")
+        raise ConfigError(
+            f"labels go up to {int(y.max())} but the head '{head_name}' has {n_classes} outputs"
+        )
     mean = x.mean(0) if config.standardize else np.zeros(x.shape[1], dtype=x.dtype)
     std = x.std(0) + 1e-6 if config.standardize else np.ones(x.shape[1], dtype=x.dtype)
     clf = LogisticRegression(C=config.C, max_iter=config.max_iter)
@@ -118,7 +136,10 @@ def fit_features(model: nn.Module, config: FeaturesConfig, batches: Iterable[dic
         # Binary: sklearn keeps one row; logits (−z/2, z/2) give the same probabilities.
         coef[clf.classes_[1]] = clf.coef_[0] / 2
         coef[clf.classes_[0]] = -clf.coef_[0] / 2
-        intercept[clf.classes_[1]], intercept[clf.classes_[0]] = clf.intercept_[0] / 2, -clf.intercept_[0] / 2
+        intercept[clf.classes_[1]], intercept[clf.classes_[0]] = (
+            clf.intercept_[0] / 2,
+            -clf.intercept_[0] / 2,
+        )
     else:
         coef[clf.classes_] = clf.coef_
         intercept[clf.classes_] = clf.intercept_
@@ -131,7 +152,10 @@ def fit_features(model: nn.Module, config: FeaturesConfig, batches: Iterable[dic
         head.weight.copy_(torch.as_tensor(w, dtype=head.weight.dtype))
         if head.bias is not None:
             head.bias.copy_(torch.as_tensor(b, dtype=head.bias.dtype))
-    return {"train_accuracy": float(clf.score((x - mean) / std, y)), "n_features": float(x.shape[1])}
+    return {
+        "train_accuracy": float(clf.score((x - mean) / std, y)),
+        "n_features": float(x.shape[1]),
+    }
 
 
 register(

@@ -47,7 +47,11 @@ class FreezeConfig(MethodConfig):
     train_head: bool = True
 
     def validate(self) -> None:
-        chosen = [k for k in ("freeze_first_n", "train_last_n", "trainable_patterns") if getattr(self, k) is not None]
+        chosen = [
+            k
+            for k in ("freeze_first_n", "train_last_n", "trainable_patterns")
+            if getattr(self, k) is not None
+        ]
         if len(chosen) != 1:
             raise ConfigError(
                 "freeze method: set exactly one of freeze_first_n, train_last_n, trainable_patterns "
@@ -65,7 +69,9 @@ def find_blocks(model: nn.Module, blocks_path: str | None = None) -> tuple[str, 
         try:
             container = model.get_submodule(blocks_path)
         except AttributeError:
-            raise ConfigError(f"blocks_path='{blocks_path}' is not a submodule of {type(model).__name__}") from None
+            raise ConfigError(
+                f"blocks_path='{blocks_path}' is not a submodule of {type(model).__name__}"
+            ) from None
         return blocks_path, [f"{blocks_path}.{c}" for c, _ in container.named_children()]
     best: tuple[str, list[str]] | None = None
     for name, module in model.named_modules():
@@ -85,23 +91,32 @@ def select_trainable(model: nn.Module, config: FreezeConfig) -> list[str]:
     params = [n for n, _ in model.named_parameters()]
     if config.trainable_patterns is not None:
         chosen = [
-            n for n in params
-            if any(re.fullmatch(p, n) or n == p or n.endswith("." + p) or n.startswith(p + ".")
-                   for p in config.trainable_patterns)
+            n
+            for n in params
+            if any(
+                re.fullmatch(p, n) or n == p or n.endswith("." + p) or n.startswith(p + ".")
+                for p in config.trainable_patterns
+            )
         ]
         if not chosen:
-            raise ConfigError(f"trainable_patterns={config.trainable_patterns!r} match no parameter")
+            raise ConfigError(
+                f"trainable_patterns={config.trainable_patterns!r} match no parameter"
+            )
         return chosen
     _, blocks = find_blocks(model, config.blocks_path)
     n_blocks = len(blocks)
     if config.freeze_first_n is not None:
         if config.freeze_first_n > n_blocks:
-            raise ConfigError(f"freeze_first_n={config.freeze_first_n} but the model has {n_blocks} blocks")
+            raise ConfigError(
+                f"freeze_first_n={config.freeze_first_n} but the model has {n_blocks} blocks"
+            )
         trained_blocks = blocks[config.freeze_first_n :]
     else:
         assert config.train_last_n is not None
         if config.train_last_n > n_blocks:
-            raise ConfigError(f"train_last_n={config.train_last_n} but the model has {n_blocks} blocks")
+            raise ConfigError(
+                f"train_last_n={config.train_last_n} but the model has {n_blocks} blocks"
+            )
         trained_blocks = blocks[n_blocks - config.train_last_n :] if config.train_last_n else []
 
     def in_blocks(name: str, which: list[str]) -> bool:
@@ -111,7 +126,9 @@ def select_trainable(model: nn.Module, config: FreezeConfig) -> list[str]:
     last_block_param = block_params[-1] if block_params else -1
     chosen = [n for n in params if in_blocks(n, trained_blocks)]
     if config.train_head:
-        chosen += [n for i, n in enumerate(params) if i > last_block_param and not in_blocks(n, blocks)]
+        chosen += [
+            n for i, n in enumerate(params) if i > last_block_param and not in_blocks(n, blocks)
+        ]
     return chosen
 
 
@@ -121,7 +138,9 @@ def inject_freeze(model: nn.Module, config: FreezeConfig, adapter_name: str) -> 
     trained = set(select_trainable(model, config))
     for name, p in model.named_parameters():
         p.requires_grad_(name in trained)
-    state_of(model).in_place_params[adapter_name] = [n for n, _ in model.named_parameters() if n in trained]
+    state_of(model).in_place_params[adapter_name] = [
+        n for n, _ in model.named_parameters() if n in trained
+    ]
 
 
 register(
