@@ -241,3 +241,24 @@ def test_corrupt_adapter_is_refused(
     (broken / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
     code, _, err = run_cli(capsys, "predict", str(broken), "--text", "alpha")
     assert code == 2 and "corrupt" in err and "Traceback" not in err
+
+
+def test_resume_of_a_finished_run_changes_nothing(
+    tiny_model_dir: Path, csv_data: Path, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, tiny_model_dir, csv_data)
+    args = ["train", str(cfg), "train.epochs=2", "train.checkpoint_every_steps=4"]
+    assert main(args) == 0
+    run = tmp_path / "run"
+    assert (run / "checkpoint" / "trainer_state.json").is_file()
+    before = (run / "adapter_model.safetensors").read_bytes()
+    assert main([*args, "--resume"]) == 0
+    assert (run / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_resume_without_checkpoint_is_a_clear_error(
+    tiny_model_dir: Path, csv_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path, tiny_model_dir, csv_data)
+    code, _, err = run_cli(capsys, "train", str(cfg), "--resume")
+    assert code == 2 and "checkpoint" in err and "Traceback" not in err

@@ -155,11 +155,13 @@ class BaseConfig:
             field_where = f"{where}.{key}" if where else key
             kwargs[key] = _coerce(value, types_[key], field_where)
         try:
-            obj = cls(**kwargs)
+            return cls(**kwargs)  # __post_init__ validates
         except TypeError as exc:  # a required field is missing
             raise ConfigError(f"{where or cls.__name__}: {exc}") from None
-        obj.validate()
-        return obj
+
+    def __post_init__(self) -> None:
+        # Validate on every construction path: from_dict, YAML, and plain Python calls.
+        self.validate()
 
     def validate(self) -> None:
         """Check values; subclasses raise :class:`ConfigError` naming the field and the fix."""

@@ -43,6 +43,17 @@ METRICS_NAME = "metrics.json"
 PLOT_NAME = "training.png"
 
 
+# The embedded default job (`deltatune train` with no config) is sized to finish in a few
+# minutes on 2 CPU cores: a BBC article's topic shows in its first 64 tokens (98% test accuracy
+# measured), and 2 epochs of LoRA on every linear layer reach it.
+def default_data() -> DataConfig:
+    return DataConfig(max_length=64)
+
+
+def default_train() -> TrainerConfig:
+    return TrainerConfig(epochs=2, eval_every_steps=40)
+
+
 def default_method() -> dict[str, Any]:
     return {
         "name": "lora",
@@ -58,9 +69,9 @@ class RunConfig(BaseConfig):
     """One run of ``deltatune train``; see the module docstring and ``configs/reference.yaml``."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    data: DataConfig = dataclasses.field(default_factory=default_data)
     method: dict[str, Any] = dataclasses.field(default_factory=default_method)
-    train: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    train: TrainerConfig = dataclasses.field(default_factory=default_train)
     output_dir: str = "runs/default"
 
     def validate(self) -> None:

@@ -164,7 +164,7 @@ register(
         config_cls=BitFitConfig,
         inject=inject_bitfit,
         capabilities=Capabilities(merge=True, multi_adapter=True, disable=True),
-        default_lr=1e-3,
+        default_lr=2e-3,
         summary="Train bias terms only (a mergeable bias delta)",
         family="selective",
     )

@@ -149,7 +149,7 @@ register(
         config_cls=FreezeConfig,
         inject=inject_freeze,
         capabilities=Capabilities(merge=False),
-        default_lr=5e-5,
+        default_lr=1e-4,
         summary="Freeze the early blocks, train the later ones and the head",
         family="classic",
     )

@@ -4,7 +4,7 @@ r"""Full fine-tuning: every parameter trains, in place.
 
     θ ← θ − lr · ∇L(θ)      for all θ (optionally all but ``exclude_modules``)
 
-The default learning rate (2e-5) is ten times lower than the adapter methods' (2e-4): the
+The default learning rate (1e-4) is ten times lower than LoRA's (1e-3): the
 pretrained weights move directly and large steps destroy what pretraining learned.
 Saving writes the trained parameters (the whole model) in the adapter file layout.
 """
@@ -51,7 +51,7 @@ register(
         config_cls=FullConfig,
         inject=inject_full,
         capabilities=Capabilities(merge=False),
-        default_lr=2e-5,
+        default_lr=1e-4,
         summary="Train every parameter (lr 10x below the adapters')",
         family="classic",
     )

@@ -442,7 +442,7 @@ register(
         config_cls=LoraConfig,
         inject=inject_lora,
         capabilities=Capabilities(merge=True, peft_compatible=True, multi_adapter=True, disable=True),
-        default_lr=2e-4,
+        default_lr=1e-3,
         summary="Low-rank update B·A beside frozen weights (rsLoRA and DoRA as options)",
         family="low-rank",
     )

@@ -1,0 +1,23 @@
+"""The shipped YAML configs: the reference documents the real defaults; examples all parse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deltatune.run import RunConfig, load_run_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_reference_config_equals_the_code_defaults() -> None:
+    reference = yaml.safe_load((CONFIGS / "reference.yaml").read_text())
+    assert reference == RunConfig().to_dict()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path: Path) -> None:
+    cfg = load_run_config(path, [])
+    assert cfg.method_config().method_name == cfg.method["name"]
