@@ -342,6 +342,75 @@ CASES_BY_METHOD: dict[str, list[Case]] = {
         Case("bert-features", "bert", "features", {}, 0, in_place=True),
         Case("cnn-features", "cnn", "features", {"head": "fc"}, 0, in_place=True),
     ],
+    # Bottleneck adapters on hidden size 32: one adapter with bottleneck m has
+    #   down 32*m + m and up m*32 + 32 parameters (m = 8: 264 + 288 = 552; m = 2: 66 + 96 = 162;
+    #   m = 4: 132 + 160 = 292); ln_before adds 2*32 = 64.
+    "houlsby": [
+        # 2 blocks * (attn_out + ffn_out) * 552
+        Case("bert-houlsby", "bert", "houlsby", {"bottleneck_size": 8}, 2208),
+        # reduction_factor 4 -> m = 8; (552 + 64) * 4
+        Case(
+            "llama-houlsby-ln",
+            "llama",
+            "houlsby",
+            {"reduction_factor": 4, "ln_before": True, "non_linearity": "gelu"},
+            2464,
+        ),
+        # block 1 only: 2 * 552
+        Case(
+            "gpt2-houlsby-layer1",
+            "gpt2",
+            "houlsby",
+            {"bottleneck_size": 8, "layers_to_transform": [1]},
+            1104,
+        ),
+    ],
+    "pfeiffer": [
+        # 2 blocks * 552 + classifier copy 99
+        Case(
+            "bert-pfeiffer-seqcls",
+            "bert",
+            "pfeiffer",
+            {"reduction_factor": 4, "task_type": "SEQ_CLS"},
+            1203,
+        ),
+        # 2 blocks * 292
+        Case("llama-pfeiffer", "llama", "pfeiffer", {"bottleneck_size": 4}, 584),
+        # default reduction 16 -> m = 2; 2 blocks * 162
+        Case("gpt2-pfeiffer", "gpt2", "pfeiffer", {}, 324),
+    ],
+    "parallel_adapter": [
+        # BERT's output(hidden, x) module; 2 blocks * 552
+        Case("bert-parallel", "bert", "parallel_adapter", {"bottleneck_size": 8}, 1104),
+        # default reduction 2 -> m = 16: 32*16 + 16 + 16*32 + 32 = 1072; 2 blocks = 2144
+        Case("llama-parallel", "llama", "parallel_adapter", {"scaling": 2.0}, 2144),
+        # 2 blocks * (552 + 64)
+        Case(
+            "gpt2-parallel-ln",
+            "gpt2",
+            "parallel_adapter",
+            {"bottleneck_size": 8, "ln_before": True, "non_linearity": "tanh"},
+            1232,
+        ),
+    ],
+    "ia3": [
+        # PEFT defaults key, value (out 32 each), output.dense: both attention.output.dense
+        #   (in 32) and the FFN output.dense (in 64) scale their input: 160 per block; *2 = 320
+        #   + classifier copy 99 = 419
+        Case("bert-ia3-seqcls", "bert", "ia3", {"task_type": "SEQ_CLS"}, 419),
+        # k_proj, v_proj (out 16 each), down_proj (in 64): 96 per block; *2 = 192
+        Case("llama-ia3", "llama", "ia3", {}, 192),
+        # c_attn (out 96), mlp.c_proj (in 128): 224 per block; *2 = 448
+        Case("gpt2-ia3", "gpt2", "ia3", {}, 448),
+        # conv1 output (8), conv2 input (8), fc output (4)
+        Case(
+            "cnn-ia3",
+            "cnn",
+            "ia3",
+            {"target_modules": ["conv1", "conv2", "fc"], "feedforward_modules": ["conv2"]},
+            20,
+        ),
+    ],
 }
 
 

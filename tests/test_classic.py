@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_bert, make_cnn, make_llama
 from torch import nn
 
 import deltatune as dt
+from conftest import make_bert, make_cnn, make_llama
 from deltatune.errors import ConfigError
 from deltatune.methods.features import collect_head_inputs
 from deltatune.models import replace_head, resolve_model_path

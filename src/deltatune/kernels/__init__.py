@@ -8,7 +8,6 @@
 
 from deltatune.kernels.lora_linear import (
     draw_seed,
-    dropout_drop_mask,
     dropout_keep_mask,
     fast_lora,
     fast_lora_enabled,
@@ -19,7 +18,6 @@ from deltatune.kernels.lora_linear import (
 
 __all__ = [
     "draw_seed",
-    "dropout_drop_mask",
     "dropout_keep_mask",
     "fast_lora",
     "fast_lora_enabled",

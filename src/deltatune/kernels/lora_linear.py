@@ -25,7 +25,7 @@ Backward, given ``g = ∂L/∂y`` (N × out)::
     ∂L/∂x    = M ⊙ (du A)                             (N × in)
 
 Saved for backward: ``x`` (shared with the base layer and the siblings, so usually free),
-``v`` (r wide), ``A``, ``B`` and the seed (a Python int). Nothing N × in is created per layer
+``v`` (r wide, stored as ``vᵀ``), ``A``, ``B`` and the seed (a Python int). Nothing N × in is created per layer
 beyond the transient ``xd`` and the mask.
 
 The mask: ``⌈N·in/4⌉`` 64-bit random words from a ``torch.Generator`` on the input's device,
@@ -97,19 +97,25 @@ def _threshold(p: float) -> int:
     return round(p * 65536) - 32768
 
 
-def dropout_drop_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """Boolean mask, ``True`` where the element is dropped, reproducible from ``seed``."""
+def _random_int16(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    """``prod(shape)`` uniform 16-bit integers from 64-bit words of a generator seeded with ``seed``."""
     n = math.prod(shape)
     gen = _generator(torch.device(device))
     gen.manual_seed(seed)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(2**63), None, generator=gen)
-    return torch.lt(words.view(torch.int16)[:n].view(shape), _threshold(p))
+    return words.view(torch.int16)[:n].view(shape)
+
+
+def _keep(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The keep mask ``M`` as 0/1 values of ``dtype`` (one pass from the random integers)."""
+    bits = _random_int16(shape, seed, device)
+    return torch.ge(bits, _threshold(p), out=torch.empty(shape, dtype=dtype, device=device))
 
 
 def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The 0/1 keep mask ``M`` the kernel uses for this seed (for tests and checks)."""
-    return ~dropout_drop_mask(shape, p, seed, device)
+    """The boolean keep mask ``M`` the kernel uses for this seed (``True`` = kept)."""
+    return torch.ge(_random_int16(shape, seed, device), _threshold(p))
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -134,40 +140,39 @@ class _LoraDropoutLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         in_f, out_f = a.shape[1], b.shape[0]
         with torch.autocast(x.device.type, enabled=False):
-            drop = dropout_drop_mask(x.shape, p, seed, x.device)
-            xd = x.to(dtype).masked_fill(drop, 0.0).reshape(-1, in_f)
-            del drop
-            v = torch.mm(xd, a.to(dtype).t()).mul_(k)
+            x2 = x.reshape(-1, in_f)
+            xd = _keep(x2.shape, p, seed, x.device, dtype).mul_(x2)  # M ⊙ x, transient
+            v_t = torch.mm(a.to(dtype), xd.t()).mul_(k)  # (r, N): this layout keeps every mm fast
             del xd
-            b_t = b.to(dtype).t()
+            b_c = b.to(dtype)
             base2d = base.reshape(-1, out_f)
             if base.dtype == dtype:
-                out = torch.addmm(base2d, v, b_t)
+                out = torch.addmm(base2d, v_t.t(), b_c.t())
             else:
-                out = base2d + torch.mm(v, b_t).to(base.dtype)
-        ctx.save_for_backward(x, v, a, b)
+                out = base2d + torch.mm(v_t.t(), b_c.t()).to(base.dtype)
+        ctx.save_for_backward(x, v_t, a, b)
         ctx.k, ctx.p, ctx.seed, ctx.dtype = k, p, seed, dtype
         return out.view(base.shape)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, v, a, b = ctx.saved_tensors
+        x, v_t, a, b = ctx.saved_tensors
         dtype: torch.dtype = ctx.dtype
         need_x, need_base, need_a, need_b = ctx.needs_input_grad[:4]
         in_f, out_f = a.shape[1], b.shape[0]
-        g2 = g.reshape(-1, out_f).to(dtype)
         grad_x = grad_a = grad_b = None
-        if need_b:
-            grad_b = torch.mm(g2.t(), v).to(b.dtype)
-        if need_a or need_x:
-            du = torch.mm(g2, b.to(dtype)).mul_(ctx.k)
-            drop = dropout_drop_mask((x.numel() // in_f, in_f), ctx.p, ctx.seed, x.device)
-            if need_a:
-                xd = x.reshape(-1, in_f).to(dtype).masked_fill(drop, 0.0)
-                grad_a = torch.mm(du.t(), xd).to(a.dtype)
-                del xd
-            if need_x:
-                grad_x = torch.mm(du, a.to(dtype)).masked_fill_(drop, 0.0).view(x.shape).to(x.dtype)
+        with torch.autocast(g.device.type, enabled=False):
+            g2 = g.reshape(-1, out_f).to(dtype)
+            if need_b:
+                grad_b = torch.mm(v_t, g2).t().to(b.dtype)
+            if need_a or need_x:
+                du_t = torch.mm(b.to(dtype).t(), g2.t()).mul_(ctx.k)  # (r, N)
+                keep = _keep((x.numel() // in_f, in_f), ctx.p, ctx.seed, x.device, dtype)
+                if need_x:
+                    grad_x = torch.mm(du_t.t(), a.to(dtype)).mul_(keep).view(x.shape).to(x.dtype)
+                if need_a:
+                    xd = keep.mul_(x.reshape(-1, in_f))  # the mask's buffer becomes M ⊙ x
+                    grad_a = torch.mm(du_t, xd).to(a.dtype)
         return grad_x, (g if need_base else None), grad_a, grad_b, None, None, None, None
 
 
@@ -202,7 +207,6 @@ def lora_linear_reference(
 
 
 __all__ = [
-    "dropout_drop_mask",
     "dropout_keep_mask",
     "draw_seed",
     "fast_lora",
