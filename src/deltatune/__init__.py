@@ -19,13 +19,18 @@ from deltatune.checkpoint import (
     save_adapter,
     save_adapters,
 )
+from deltatune.arch import ArchConfig
 from deltatune.errors import AssetError, CheckpointError, ConfigError, DeltatuneError
 from deltatune.layers import AdapterLayer, ModulesToSave
 from deltatune.methods.bitfit import BitFitConfig
 from deltatune.methods.features import FeaturesConfig
 from deltatune.methods.freeze import FreezeConfig
 from deltatune.methods.full import FullConfig
+from deltatune.methods.houlsby import HoulsbyConfig
+from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.parallel_adapter import ParallelAdapterConfig
+from deltatune.methods.pfeiffer import PfeifferConfig
 from deltatune.model import (
     active_adapters,
     adapter_layers,
@@ -48,6 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterLayer",
+    "ArchConfig",
     "AssetError",
     "BitFitConfig",
     "CheckpointError",
@@ -56,9 +62,13 @@ __all__ = [
     "FeaturesConfig",
     "FreezeConfig",
     "FullConfig",
+    "HoulsbyConfig",
+    "IA3Config",
     "LoraConfig",
     "MethodConfig",
     "ModulesToSave",
+    "ParallelAdapterConfig",
+    "PfeifferConfig",
     "active_adapters",
     "adapter_layers",
     "adapter_names",

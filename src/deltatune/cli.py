@@ -122,13 +122,18 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     yes = {True: "yes", False: "-"}
-    header = f"{'method':<10} {'family':<10} {'train':<6} {'merge':<6} {'save':<5} {'PEFT':<5} {'QLoRA':<6} {'multi':<6} {'lr':<8} summary"
+    width = max(len(r["method"]) for r in rows) + 2
+    header = (
+        f"{'method':<{width}}{'family':<11}{'train':<7}{'merge':<7}{'save':<6}{'PEFT':<6}"
+        f"{'QLoRA':<7}{'multi':<7}{'lr':<9}summary"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['method']:<10} {r['family']:<10} {yes[r['train']]:<6} {yes[r['merge']]:<6} {yes[r['save']]:<5} "
-            f"{yes[r['peft_compatible']]:<5} {yes[r['qlora']]:<6} {yes[r['multi_adapter']]:<6} {r['default_lr']:<8g} {r['summary']}"
+            f"{r['method']:<{width}}{r['family']:<11}{yes[r['train']]:<7}{yes[r['merge']]:<7}"
+            f"{yes[r['save']]:<6}{yes[r['peft_compatible']]:<6}{yes[r['qlora']]:<7}"
+            f"{yes[r['multi_adapter']]:<7}{r['default_lr']:<9g}{r['summary']}"
         )
     return 0
 

@@ -44,6 +44,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        non_null = [a for a in args if a is not type(None)]
+        if len(non_null) == 1:
+            # `X | None`: the error about X itself (e.g. a nested unknown key) is the useful one.
+            return _coerce(value, non_null[0], where)
         errors = []
         # Try exact-type matches first so that "3" stays a str in `str | int`.
         for arg in sorted(

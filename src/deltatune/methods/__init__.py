@@ -1,7 +1,16 @@
 """Built-in methods. Importing a module registers its method; one import line per method."""
 
-from deltatune.methods import bitfit, features, freeze, full, lora
-from deltatune.methods import houlsby, ia3, parallel_adapter, pfeiffer
+from deltatune.methods import (
+    bitfit,
+    features,
+    freeze,
+    full,
+    houlsby,
+    ia3,
+    lora,
+    parallel_adapter,
+    pfeiffer,
+)
 
 __all__ = [
     "bitfit",
