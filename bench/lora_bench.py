@@ -65,7 +65,12 @@ ALL_DROPOUT = 0.05
 # --------------------------------------------------------------------------------------------
 def build_model(kind: str, seed: int = 0) -> nn.Module:
     """Random-init BERT-like encoder (sequence classification) or LLaMA-like decoder (~8 layers)."""
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if kind == "bert":
@@ -98,7 +103,9 @@ def embedding_module(model: nn.Module, kind: str) -> nn.Module:
     return model.bert.embeddings if kind == "bert" else model.model.embed_tokens  # type: ignore[union-attr,return-value]
 
 
-def make_batch(kind: str, batch: int, seq: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+def make_batch(
+    kind: str, batch: int, seq: int, vocab: int, device: torch.device
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1234)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     if kind == "bert":
@@ -131,6 +138,7 @@ class Variant:
     optimizer: torch.optim.Optimizer | None
     fast: bool = True
     times: list[float] = dataclasses.field(default_factory=list)
+    cpu_times: list[float] = dataclasses.field(default_factory=list)
     memory: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
@@ -143,7 +151,13 @@ def _fast_context(enabled: bool) -> contextlib.AbstractContextManager[Any]:
 
 
 def make_variant(
-    base: nn.Module, kind: str, method: str, targets: str, r: int, dropout: float, device: torch.device
+    base: nn.Module,
+    kind: str,
+    method: str,
+    targets: str,
+    r: int,
+    dropout: float,
+    device: torch.device,
 ) -> Variant:
     model = copy.deepcopy(base)
     names = target_names(model, kind, targets) if targets != "-" else []
@@ -151,16 +165,27 @@ def make_variant(
     if method == "bound":
         for p in model.parameters():
             p.requires_grad_(False)
-        embedding_module(model, kind).register_forward_hook(lambda _m, _i, out: out.detach().requires_grad_())
+        embedding_module(model, kind).register_forward_hook(
+            lambda _m, _i, out: out.detach().requires_grad_()
+        )
     elif method in ("dt", "dt-plain", "dt-dora"):
         dt.inject(
-            model, dt.LoraConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=dropout, target_modules=names, use_dora=dora)
+            model,
+            dt.LoraConfig(
+                r=r,
+                lora_alpha=LORA_ALPHA,
+                lora_dropout=dropout,
+                target_modules=names,
+                use_dora=dora,
+            ),
         )
     elif method in ("peft", "peft-dora"):
         import peft
 
         regex = "^(" + "|".join(n.replace(".", r"\.") for n in names) + ")$"
-        cfg = peft.LoraConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=dropout, target_modules=regex, use_dora=dora)
+        cfg = peft.LoraConfig(
+            r=r, lora_alpha=LORA_ALPHA, lora_dropout=dropout, target_modules=regex, use_dora=dora
+        )
         model = peft.get_peft_model(model, cfg)
     else:
         raise ValueError(method)
@@ -177,7 +202,9 @@ def _autocast(device: torch.device, amp: str | None) -> contextlib.AbstractConte
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def train_step(v: Variant, batch: dict[str, torch.Tensor], device: torch.device, amp: str | None) -> torch.Tensor:
+def train_step(
+    v: Variant, batch: dict[str, torch.Tensor], device: torch.device, amp: str | None
+) -> torch.Tensor:
     with _fast_context(v.fast), _autocast(device, amp):
         loss = v.model(**batch).loss
     loss.backward()
@@ -229,7 +256,9 @@ def static_bytes(v: Variant) -> dict[str, int]:
     opt_state: list[torch.Tensor] = []
     if v.optimizer is not None:
         for state in v.optimizer.state.values():
-            opt_state += [t for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 1]
+            opt_state += [
+                t for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 1
+            ]
     return {
         "weights": _nbytes(params),
         "adapter_weights": _nbytes(trainable) if trainable else 0,
@@ -238,7 +267,9 @@ def static_bytes(v: Variant) -> dict[str, int]:
     }
 
 
-def measure_memory(v: Variant, batch: dict[str, torch.Tensor], device: torch.device, amp: str | None) -> None:
+def measure_memory(
+    v: Variant, batch: dict[str, torch.Tensor], device: torch.device, amp: str | None
+) -> None:
     """One instrumented step (after a warm-up step, so that the optimizer state exists)."""
     static = static_bytes(v)
     exclude = {_storage_key(p) for p in v.model.parameters()}
@@ -269,22 +300,27 @@ def measure_memory(v: Variant, batch: dict[str, torch.Tensor], device: torch.dev
 # --------------------------------------------------------------------------------------------
 def interleaved(
     items: list[Any], run: Callable[[Any], None], repeats: int, steps: int, device: torch.device
-) -> dict[int, list[float]]:
-    """Per item, the mean time of ``steps`` calls in each of ``repeats`` rounds (rotating order)."""
-    out: dict[int, list[float]] = {i: [] for i in range(len(items))}
+) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+    """Per item, the mean wall and process-CPU time of ``steps`` calls in each of ``repeats`` rounds.
+
+    The order rotates every round, so that no variant always runs after the same one.
+    """
+    wall: dict[int, list[float]] = {i: [] for i in range(len(items))}
+    cpu: dict[int, list[float]] = {i: [] for i in range(len(items))}
     for rep in range(repeats):
         order = list(range(len(items)))
         k = rep % len(order)
         order = order[k:] + order[:k]
         for i in order:
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 run(items[i])
             _sync(device)
-            out[i].append((time.perf_counter() - t0) / steps)
+            wall[i].append((time.perf_counter() - t0) / steps)
+            cpu[i].append((time.process_time() - c0) / steps)
         print(f"  round {rep + 1}/{repeats} done", file=sys.stderr, flush=True)
-    return out
+    return wall, cpu
 
 
 @dataclasses.dataclass
@@ -294,6 +330,7 @@ class InferVariant:
     r: int
     model: nn.Module
     times: list[float] = dataclasses.field(default_factory=list)
+    cpu_times: list[float] = dataclasses.field(default_factory=list)
 
 
 def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -301,7 +338,10 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
     vocab = base.config.vocab_size
     batch = make_batch(kind, args.batch, args.seq, vocab, device)
     n_params = sum(p.numel() for p in base.parameters())
-    print(f"\n== {kind}: {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq}, {device}", file=sys.stderr)
+    print(
+        f"\n== {kind}: {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq}, {device}",
+        file=sys.stderr,
+    )
 
     methods = ["dt", "peft"] + (["dt-plain"] if args.plain else [])
     variants = [make_variant(base, kind, "bound", "-", 0, 0.0, device)]
@@ -322,9 +362,11 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
     for v in variants:
         measure_memory(v, batch, device, args.amp)
     print(f"  timing {len(variants)} training variants", file=sys.stderr)
-    times = interleaved(variants, lambda v: train_step(v, batch, device, args.amp), args.repeats, args.steps, device)
+    times, cpu = interleaved(
+        variants, lambda v: train_step(v, batch, device, args.amp), args.repeats, args.steps, device
+    )
     for i, v in enumerate(variants):
-        v.times = times[i]
+        v.times, v.cpu_times = times[i], cpu[i]
 
     # inference
     infer: list[InferVariant] = [InferVariant("base", "-", 0, copy.deepcopy(base).eval())]
@@ -351,12 +393,13 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
     for iv in infer:
         infer_once(iv)
     print(f"  timing {len(infer)} inference variants", file=sys.stderr)
-    itimes = interleaved(infer, infer_once, args.repeats, args.steps, device)
+    itimes, icpu = interleaved(infer, infer_once, args.repeats, args.steps, device)
     for i, iv in enumerate(infer):
-        iv.times = itimes[i]
+        iv.times, iv.cpu_times = itimes[i], icpu[i]
 
     bound = variants[0]
     b_med = statistics.median(bound.times)
+    b_cpu = statistics.median(bound.cpu_times)
     b_growth = bound.memory["peak"] - bound.memory["weights"]
     train_rows = []
     for v in variants:
@@ -372,13 +415,18 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
                 "step_s": med,
                 "step_s_rounds": v.times,
                 "time_x_bound": med / b_med,
+                "cpu_s": statistics.median(v.cpu_times),
+                "cpu_s_rounds": v.cpu_times,
+                "cpu_x_bound": statistics.median(v.cpu_times) / b_cpu,
                 "memory_bytes": v.memory,
                 "extra_over_bound_bytes": extra,
                 "mem_extra_x_bound_growth": extra / b_growth,
-                "mem_growth_x_bound_growth": (v.memory["peak"] - bound.memory["weights"]) / b_growth,
+                "mem_growth_x_bound_growth": (v.memory["peak"] - bound.memory["weights"])
+                / b_growth,
             }
         )
     base_med = statistics.median(infer[0].times)
+    base_cpu = statistics.median(infer[0].cpu_times)
     infer_rows = [
         {
             "variant": iv.name,
@@ -387,6 +435,7 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
             "latency_s": statistics.median(iv.times),
             "latency_s_rounds": iv.times,
             "x_base": statistics.median(iv.times) / base_med,
+            "cpu_x_base": statistics.median(iv.cpu_times) / base_cpu,
         }
         for iv in infer
     ]
@@ -411,18 +460,26 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"### {result['model']} ({result['params'] / 1e6:.1f}M params)",
         "",
-        "| variant | dropout | step s | x bound | peak MiB | extra MiB | extra / bound growth | growth / bound growth |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | dropout | step s | x bound | cpu x bound | peak MiB | extra MiB | extra / bound growth | growth / bound growth |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["train"]:
         lines.append(
             f"| {row['variant']} | {row['lora_dropout']:g} | {row['step_s']:.3f} | {row['time_x_bound']:.3f} "
+            f"| {row['cpu_x_bound']:.3f} "
             f"| {_mb(row['memory_bytes']['peak'])} | {_mb(row['extra_over_bound_bytes'])} "
             f"| {row['mem_extra_x_bound_growth']:.3f} | {row['mem_growth_x_bound_growth']:.3f} |"
         )
-    lines += ["", "| inference | targets | r | latency s | x base |", "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| inference | targets | r | latency s | x base | cpu x base |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for row in result["inference"]:
-        lines.append(f"| {row['variant']} | {row['targets']} | {row['r']} | {row['latency_s']:.4f} | {row['x_base']:.3f} |")
+        lines.append(
+            f"| {row['variant']} | {row['targets']} | {row['r']} | {row['latency_s']:.4f} | {row['x_base']:.3f} "
+            f"| {row['cpu_x_base']:.3f} |"
+        )
     diffs = ", ".join(f"{k}: {v:.1e}" for k, v in result["merged_max_abs_diff"].items())
     lines += ["", f"merged vs unmerged logits, max abs diff: {diffs}"]
     return "\n".join(lines)
@@ -446,21 +503,35 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["bert", "llama", "both"], default="both")
-    p.add_argument("--quick", action="store_true", help="batch 2x128, 3 rounds of 1 step: a smoke run")
-    p.add_argument("--batch", type=int, default=None, help="sequences per batch (default 8; quick 2)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256; quick 128)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7; quick 3)")
+    p.add_argument(
+        "--quick", action="store_true", help="batch 2x128, 3 rounds of 1 step: a smoke run"
+    )
+    p.add_argument(
+        "--batch", type=int, default=None, help="sequences per batch (default 8; quick 2)"
+    )
+    p.add_argument(
+        "--seq", type=int, default=None, help="tokens per sequence (default 256; quick 128)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="interleaved rounds (default 7; quick 3)"
+    )
     p.add_argument("--steps", type=int, default=1, help="steps per variant per round")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
     p.add_argument("--targets", nargs="+", choices=["qv", "all"], default=["qv", "all"])
-    p.add_argument("--qv-dropout", type=float, default=0.05, help="lora_dropout for q,v (all-linear: 0.05)")
-    p.add_argument("--plain", action="store_true", help="also time deltatune with the fast kernel off")
+    p.add_argument(
+        "--qv-dropout", type=float, default=0.05, help="lora_dropout for q,v (all-linear: 0.05)"
+    )
+    p.add_argument(
+        "--plain", action="store_true", help="also time deltatune with the fast kernel off"
+    )
     p.add_argument("--dora", action="store_true", help="also time DoRA (q,v) in deltatune and PEFT")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--amp", choices=["bf16"], default=None, help="bf16 autocast")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/lora_<model>.json)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default bench/results/lora_<model>.json)"
+    )
     args = p.parse_args(argv)
     args.batch = args.batch or (2 if args.quick else 8)
     args.seq = args.seq or (128 if args.quick else 256)
@@ -478,7 +549,9 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     meta = {
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            [Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]
+        ),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
@@ -492,13 +565,19 @@ def main(argv: list[str] | None = None) -> None:
         "amp": args.amp,
         "lora_alpha": LORA_ALPHA,
         "dropout": {"qv": args.qv_dropout, "all": ALL_DROPOUT},
-        "memory_method": "cuda max_memory_allocated" if device.type == "cuda" else "static + saved-for-backward",
+        "memory_method": "cuda max_memory_allocated"
+        if device.type == "cuda"
+        else "static + saved-for-backward",
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     for kind in kinds:
         result = run_model(kind, args, device)
         result["meta"] = meta
-        out = args.out if args.out and len(kinds) == 1 else RESULTS / f"lora_{kind}{'_quick' if args.quick else ''}.json"
+        out = (
+            args.out
+            if args.out and len(kinds) == 1
+            else RESULTS / f"lora_{kind}{'_quick' if args.quick else ''}.json"
+        )
         write_json_atomic(out, result)
         print(format_table(result))
         print(f"\n(written to {out})\n", flush=True)

@@ -45,7 +45,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         non_null = [a for a in args if a is not type(None)]
-        if len(non_null) == 1:
+        if len(non_null) == 1 and isinstance(value, Mapping):
             # `X | None`: the error about X itself (e.g. a nested unknown key) is the useful one.
             return _coerce(value, non_null[0], where)
         errors = []
