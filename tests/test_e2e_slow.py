@@ -26,7 +26,9 @@ SMALL = [
 
 def test_cli_lora_on_minilm_bbc_news(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "lora"
-    code = main(["train", *SMALL, "train.epochs=3", "train.learning_rate=2e-3", f"output_dir={out}"])
+    code = main(
+        ["train", *SMALL, "train.epochs=3", "train.learning_rate=2e-3", f"output_dir={out}"]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and "trainable params" in printed and str(out) in printed
@@ -35,7 +37,15 @@ def test_cli_lora_on_minilm_bbc_news(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert metrics["test"]["accuracy"] >= 0.7, metrics
     assert metrics["trainable_percent"] < 5
     assert (out / "training.png").stat().st_size > 10_000
-    code = main(["predict", str(out), "--json", "--text", "The striker scored twice as the club won the cup final."])
+    code = main(
+        [
+            "predict",
+            str(out),
+            "--json",
+            "--text",
+            "The striker scored twice as the club won the cup final.",
+        ]
+    )
     assert code == 0
     row = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert row["label"] in {"business", "entertainment", "politics", "sports", "tech"}

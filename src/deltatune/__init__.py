@@ -10,6 +10,7 @@ Quick tour::
     dt.load_adapter(fresh_base, "out/adapter")
 """
 
+from deltatune.arch import ArchConfig
 from deltatune.checkpoint import (
     adapter_state_dict,
     export_merged,
@@ -19,7 +20,6 @@ from deltatune.checkpoint import (
     save_adapter,
     save_adapters,
 )
-from deltatune.arch import ArchConfig
 from deltatune.errors import AssetError, CheckpointError, ConfigError, DeltatuneError
 from deltatune.layers import AdapterLayer, ModulesToSave
 from deltatune.methods.bitfit import BitFitConfig
