@@ -186,6 +186,12 @@ class Case:
     models' shapes (see the arithmetic beside each case). ``in_place`` methods train base
     parameters directly (their total stays the base total); ``fitted`` ones train nothing by
     gradient (their trainable count is 0).
+
+    ``prerequisites`` are adapters the method builds on (the task adapters a fusion fuses):
+    ``(name, {"name": method, ...options})`` pairs that :meth:`make_model` adds to the base,
+    moved away from their identity start, frozen and inactive (so the model still computes
+    the base). ``starts_like`` is what a freshly injected adapter computes: ``()`` the base,
+    a tuple of prerequisite names the model with those active, ``None`` nothing fixed.
     """
 
     id: str
@@ -194,12 +200,30 @@ class Case:
     options: dict[str, Any]
     trainable: int
     in_place: bool = False
+    prerequisites: tuple[tuple[str, dict[str, Any]], ...] = ()
+    starts_like: tuple[str, ...] | None = ()
 
     def config(self, **changes: Any) -> dt.MethodConfig:
         return dt.config_from_dict({"name": self.method, **self.options, **changes})
 
-    def make_model(self) -> nn.Module:
+    def make_base(self) -> nn.Module:
         return MODELS[self.model]()
+
+    def make_model(self) -> nn.Module:
+        model = self.make_base()
+        for i, (name, options) in enumerate(self.prerequisites):
+            dt.inject(model, dt.config_from_dict(options), name)
+            gen = torch.Generator().manual_seed(100 + i)
+            with torch.no_grad():
+                for t in dt.adapter_state_dict(model, name).values():
+                    t.add_(0.2 * torch.randn(t.shape, generator=gen, dtype=t.dtype))
+        if self.prerequisites:
+            dt.set_active(model, [])
+        return model
+
+    @property
+    def prerequisite_names(self) -> list[str]:
+        return [name for name, _ in self.prerequisites]
 
     def inputs(self) -> dict[str, torch.Tensor]:
         return INPUTS[self.model]()
@@ -409,6 +433,45 @@ CASES_BY_METHOD: dict[str, list[Case]] = {
             "ia3",
             {"target_modules": ["conv1", "conv2", "fc"], "feedforward_modules": ["conv2"]},
             20,
+        ),
+    ],
+    # One fusion layer on hidden size 32: query 32*32+32, key 32*32+32, value 32*32 = 3136.
+    "fusion": [
+        # 2 blocks (Pfeiffer: ffn_out) * 3136 + classifier copy 99 = 6371
+        Case(
+            "bert-fusion-pfeiffer-seqcls",
+            "bert",
+            "fusion",
+            {"adapter_names": ["t1", "t2"], "task_type": "SEQ_CLS"},
+            6371,
+            prerequisites=(
+                ("t1", {"name": "pfeiffer", "bottleneck_size": 8}),
+                ("t2", {"name": "pfeiffer", "bottleneck_size": 4, "non_linearity": "gelu"}),
+            ),
+            starts_like=None,
+        ),
+        # Houlsby: attn_out + ffn_out in 2 blocks = 4 * 3136 = 12544
+        Case(
+            "llama-fusion-houlsby",
+            "llama",
+            "fusion",
+            {"adapter_names": ["t1", "t2"], "dropout": 0.1},
+            12544,
+            prerequisites=(
+                ("t1", {"name": "houlsby", "bottleneck_size": 4}),
+                ("t2", {"name": "houlsby", "bottleneck_size": 4, "ln_after": True}),
+            ),
+            starts_like=None,
+        ),
+        # fusion over one adapter starts as that adapter; 2 blocks * 3136 = 6272
+        Case(
+            "gpt2-fusion-one",
+            "gpt2",
+            "fusion",
+            {"adapter_names": ["t1"]},
+            6272,
+            prerequisites=(("t1", {"name": "pfeiffer", "bottleneck_size": 4}),),
+            starts_like=("t1",),
         ),
     ],
 }

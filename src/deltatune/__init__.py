@@ -20,12 +20,15 @@ from deltatune.checkpoint import (
     save_adapter,
     save_adapters,
 )
+from deltatune.compose import Fuse, Parallel, Stack, split_parallel
+from deltatune.drop import adapter_drop, dropped_layers
 from deltatune.errors import AssetError, CheckpointError, ConfigError, DeltatuneError
 from deltatune.layers import AdapterLayer, ModulesToSave
 from deltatune.methods.bitfit import BitFitConfig
 from deltatune.methods.features import FeaturesConfig
 from deltatune.methods.freeze import FreezeConfig
 from deltatune.methods.full import FullConfig
+from deltatune.methods.fusion import FusionConfig, fusion_regularization, fusion_weights
 from deltatune.methods.houlsby import HoulsbyConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora import LoraConfig
@@ -48,6 +51,7 @@ from deltatune.model import (
     unmerge,
 )
 from deltatune.registry import MethodConfig, config_from_dict, get_method, methods
+from deltatune.routing import route
 
 __version__ = "0.1.0"
 
@@ -62,14 +66,19 @@ __all__ = [
     "FeaturesConfig",
     "FreezeConfig",
     "FullConfig",
+    "Fuse",
+    "FusionConfig",
     "HoulsbyConfig",
     "IA3Config",
     "LoraConfig",
     "MethodConfig",
     "ModulesToSave",
+    "Parallel",
     "ParallelAdapterConfig",
     "PfeifferConfig",
+    "Stack",
     "active_adapters",
+    "adapter_drop",
     "adapter_layers",
     "adapter_names",
     "adapter_state_dict",
@@ -77,8 +86,11 @@ __all__ = [
     "delete",
     "disable",
     "disabled",
+    "dropped_layers",
     "enable",
     "export_merged",
+    "fusion_regularization",
+    "fusion_weights",
     "get_method",
     "inject",
     "load_adapter",
@@ -86,9 +98,11 @@ __all__ = [
     "merge",
     "methods",
     "read_adapter_config",
+    "route",
     "save_adapter",
     "save_adapters",
     "set_active",
+    "split_parallel",
     "trainable_parameters",
     "trainable_report",
     "unload",

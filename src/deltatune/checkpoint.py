@@ -274,19 +274,37 @@ def load_adapter(
 def load_adapters(
     model: nn.Module, path: str | os.PathLike[str], *, is_trainable: bool = False
 ) -> list[str]:
-    """Load every adapter of a :func:`save_adapters` folder; returns their names."""
+    """Load every adapter of a :func:`save_adapters` folder; returns their names in load order.
+
+    ``default`` (the root) comes first, then the subfolders by name, except that an adapter
+    that builds on others of the folder (a fusion on its fused adapters) waits for them.
+    """
+    from deltatune.model import depends_on
+
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"adapter folder '{folder}' does not exist")
-    names = []
+    entries: list[tuple[str, Path]] = []
     if (folder / CONFIG_NAME).is_file():
-        load_adapter(model, folder, "default", is_trainable=is_trainable)
-        names.append("default")
+        entries.append(("default", folder))
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file()):
-        load_adapter(model, sub, sub.name, is_trainable=is_trainable)
-        names.append(sub.name)
-    if not names:
+        entries.append((sub.name, sub))
+    if not entries:
         raise CheckpointError(f"'{folder}' holds no adapter ({CONFIG_NAME} not found)")
+    in_folder = {name for name, _ in entries}
+    needs = {
+        name: set(depends_on(read_adapter_config(where))) & in_folder for name, where in entries
+    }
+    names: list[str] = []
+    while entries:
+        ready = next(((n, w) for n, w in entries if needs[n] <= set(names)), None)
+        if ready is None:
+            raise CheckpointError(
+                f"'{folder}': adapters {[n for n, _ in entries]} depend on each other in a cycle"
+            )
+        entries.remove(ready)
+        load_adapter(model, ready[1], ready[0], is_trainable=is_trainable)
+        names.append(ready[0])
     return names
 
 

@@ -11,7 +11,12 @@ The wrapped module stays at ``base_layer`` (so its parameters keep PEFT's key na
 
 - ``active_adapters``: which adapters its forward uses (several are summed);
 - ``merged_adapters``: which adapters are folded into ``base_layer``'s weights;
-- ``disabled``: forward is exactly ``base_layer``'s (merged adapters are unmerged first).
+- ``disabled``: forward is exactly ``base_layer``'s (merged adapters are unmerged first);
+- ``dropped``: AdapterDrop (:func:`deltatune.adapter_drop`) switched this layer's adapters off,
+  so its forward runs ``base_layer`` alone;
+- ``routing``: set by :func:`deltatune.route` (per-example adapters) and by an active
+  :class:`~deltatune.compose.Parallel`: the call is split by example into groups, each run with
+  its own adapters (see :mod:`deltatune.routing`).
 
 Subclasses implement ``add_adapter``, ``forward``, ``adapter_tensors`` (their PEFT-named
 tensors for one adapter) and, where the math allows, ``delta_weight`` for merging.
@@ -20,12 +25,15 @@ tensors for one adapter) and, where the math allows, ``delta_weight`` for mergin
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
+
+if TYPE_CHECKING:
+    from deltatune.routing import Route
 
 
 class AdapterLayer(nn.Module):
@@ -40,6 +48,15 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.dropped = False
+        self.routing: Route | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.routing is None or self.disabled or self.dropped:
+            return super().__call__(*args, **kwargs)
+        from deltatune.routing import routed_call
+
+        return routed_call(self, args, kwargs)
 
     # --- bookkeeping -------------------------------------------------------------------------
     @property
@@ -139,8 +156,8 @@ class AdapterLayer(nn.Module):
 
     # --- forward helpers ---------------------------------------------------------------------
     def adapters_to_run(self) -> list[str]:
-        """Active adapters not already merged; empty when disabled."""
-        if self.disabled:
+        """Active adapters not already merged; empty when disabled or dropped (AdapterDrop)."""
+        if self.disabled or self.dropped:
             return []
         return [a for a in self.active_adapters if a not in self.merged_adapters]
 

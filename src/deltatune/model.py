@@ -9,8 +9,9 @@ methods such as full fine-tuning train in place).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.layers import AdapterLayer, ModulesToSave
 from deltatune.registry import MethodConfig, get_method
 from deltatune.targeting import set_submodule
+
+if TYPE_CHECKING:
+    from deltatune.compose import AdapterSetup
 
 STATE_ATTR = "_deltatune"
 SEQ_CLS_HEADS = ("classifier", "score")
@@ -33,6 +37,8 @@ class DeltaState:
     #: adapter name -> parameter names trained in place (full fine-tuning, freezing).
     in_place_params: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     disabled: bool = False
+    #: The Stack / Parallel / Fuse last given to ``set_active`` (None for names).
+    composition: Any = None
 
 
 def state_of(model: nn.Module) -> DeltaState:
@@ -179,13 +185,22 @@ def _check_names(model: nn.Module, names: list[str]) -> None:
             )
 
 
-def set_active(model: nn.Module, adapter_name: str | list[str]) -> None:
-    """Make these adapters the active ones (their parameters trainable, the others frozen)."""
-    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+def set_active(model: nn.Module, adapter_name: str | Sequence[str] | AdapterSetup) -> None:
+    """Make these adapters the active ones (their parameters trainable, the others frozen).
+
+    A list applies its adapters in order (a stack); ``Stack``, ``Parallel`` and ``Fuse``
+    compositions are described in :mod:`deltatune.compose`.
+    """
+    from deltatune import compose
+
+    names, parallel = compose.resolve_active(model, adapter_name)
     _check_names(model, names)
     for _, layer in adapter_layers(model):
         layer.set_active(names)
-    state_of(model).active = names
+    state = state_of(model)
+    state.active = names
+    state.composition = adapter_name if isinstance(adapter_name, compose.AdapterSetup) else None
+    compose.set_parallel(model, parallel)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -227,10 +242,27 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             enable(model)
 
 
+def depends_on(config: MethodConfig) -> list[str]:
+    """Adapters that an adapter of this config builds on (a fusion's fused adapters)."""
+    fn = getattr(config, "depends_on", None)
+    return list(fn()) if callable(fn) else []
+
+
 def delete(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter's layers and record; wrappers left with no adapter are unwrapped."""
     _check_names(model, [adapter_name])
     state = state_of(model)
+    users = [n for n, c in state.configs.items() if adapter_name in depends_on(c)]
+    if users:
+        raise DeltatuneError(
+            f"adapter '{adapter_name}' is used by {', '.join(repr(u) for u in users)}; "
+            "delete that first"
+        )
+    if state.composition is not None:
+        from deltatune.compose import set_parallel
+
+        set_parallel(model, None)
+        state.composition = None
     for name, layer in list(adapter_layers(model)):
         layer.delete_adapter(adapter_name)
         if not layer.adapter_names:
@@ -282,6 +314,9 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """
     if merge:
         globals()["merge"](model)
+    from deltatune.compose import remove_hooks
+
+    remove_hooks(model)  # Parallel replication, AdapterDrop
     # Innermost first so that nested wrappers unwrap cleanly.
     for name, layer in reversed(list(adapter_layers(model))):
         set_submodule(model, name, layer.unloaded(merge=merge))
@@ -341,7 +376,7 @@ def _group_name(param_name: str) -> str:
             "lora_embedding_B",
             "lora_magnitude_vector",
             "modules_to_save",
-        ) or part.startswith(("bitfit", "ia3", "adapter")):
+        ) or part.startswith(("bitfit", "ia3", "adapter", "fusion")):
             return part
     return ".".join(p for p in parts if not p.isdigit())[:40]
 

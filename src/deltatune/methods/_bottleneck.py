@@ -173,7 +173,7 @@ def _like(module: nn.Module, new: nn.Module) -> nn.Module:
 class _BottleneckLayer(AdapterLayer):
     """Bookkeeping shared by the two placements: a ``ModuleDict`` of :class:`Bottleneck`."""
 
-    adapter_attributes = ("adapter",)
+    adapter_attributes: tuple[str, ...] = ("adapter",)
 
     def __init__(self, base_layer: nn.Module, dim: int) -> None:
         super().__init__(base_layer)
@@ -188,10 +188,18 @@ class _BottleneckLayer(AdapterLayer):
 
 
 class SerialAdapterLayer(_BottleneckLayer):
-    """Wraps a sublayer output projection: ``h = base(x)``, then ``h ← h + Δ_a(h)`` per adapter."""
+    """Wraps a sublayer output projection: ``h = base(x)``, then ``h ← h + Δ_a(h)`` per adapter.
+
+    ``fusion`` holds composite adapters over this layer's adapters (AdapterFusion, see
+    :mod:`deltatune.methods.fusion`): an active name found there is applied as
+    ``h ← fusion[name](h, self)``, in its place in the active order.
+    """
+
+    adapter_attributes: tuple[str, ...] = ("adapter", "fusion")
 
     def __init__(self, base_layer: nn.Module, what: str = "the wrapped module") -> None:
         super().__init__(base_layer, output_features(base_layer, what))
+        self.fusion = nn.ModuleDict()
 
     def add_adapter(self, adapter_name: str, config: Any) -> None:
         ln_after = bool(getattr(config, "ln_after", False))
@@ -206,8 +214,17 @@ class SerialAdapterLayer(_BottleneckLayer):
             return out
         h = out[0] if isinstance(out, tuple) else out
         for name in names:
-            h = self.bottleneck(name).serial(h)
+            h = (
+                self.fusion[name](h, self)
+                if name in self.fusion
+                else self.bottleneck(name).serial(h)
+            )
         return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        if adapter_name in self.fusion:
+            return {f"fusion.{k}": p for k, p in self.fusion[adapter_name].named_parameters()}
+        return super().adapter_tensors(adapter_name)
 
 
 class ParallelAdapterLayer(_BottleneckLayer):
