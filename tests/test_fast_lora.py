@@ -141,6 +141,20 @@ def test_dropout_zero_or_eval_is_bitwise_the_plain_path(train: bool) -> None:
     y_plain, g_plain = _run(model, x, False)
     assert torch.equal(y_fast, y_plain)
     assert all(torch.equal(a, b) for a, b in zip(g_fast, g_plain))
+    # ... and both are the textbook formula, op for op.
+    xr = x.clone().requires_grad_()
+
+    def literal(layer: LoraLinear) -> torch.Tensor:
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        base = layer.base_layer(xr)  # base first, as the layer does (same dx summation order)
+        lora = torch.nn.functional.linear(torch.nn.functional.linear(xr, a), b)
+        return base + lora * layer.scaling["default"]
+
+    y_lit = literal(model.q) * torch.tanh(literal(model.k)) + literal(model.v)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_lit = torch.autograd.grad(y_lit.square().sum(), [xr, *params])
+    assert torch.equal(y_fast, y_lit.detach())
+    assert all(torch.equal(a, b) for a, b in zip(g_fast, g_lit))
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-6), (torch.float32, 1e-5)])
@@ -267,3 +281,182 @@ def test_conv1d_and_two_active_adapters() -> None:
     _close(y_fast, y.detach(), 1e-5)
     for got, want in zip(g_fast, g_ref):
         _close(got, want, 1e-5)
+
+
+def test_fused_base_equals_base_layer_plus_adapter_and_respects_hooks() -> None:
+    from deltatune.kernels import linear_lora_dropout
+
+    x, _, a, b = _inputs(torch.float64, "cpu")
+    lin = nn.Linear(24, 20).double().requires_grad_(False)
+    y = linear_lora_dropout(x, lin.weight, lin.bias, a, b, 1.3, 0.2, seed=8)
+    want = lora_linear_reference(x, lin(x), a, b, 1.3, 0.2, seed=8)
+    _close(y, want, 1e-6)
+    gy = torch.randn_like(y)
+    for got, ref in zip(
+        torch.autograd.grad(y, (x, a, b), gy), torch.autograd.grad(want, (x, a, b), gy)
+    ):
+        _close(got, ref, 1e-6)
+    # A forward hook on the base layer must still run: the layer then does not fuse.
+    model = _adapted(0.2)
+    calls: list[int] = []
+    model.q.base_layer.register_forward_hook(lambda *_: calls.append(1))
+    model(torch.randn(2, 3, 32))
+    assert calls == [1]
+
+
+def _dora_model(dropout: float, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    model = _Block().to(dtype)
+    cfg = dt.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q", "v"], use_dora=True,
+        init_lora_weights=False,
+    )  # fmt: skip
+    dt.inject(model, cfg).train()
+    with torch.no_grad():  # magnitudes away from the norms, so that m/‖W'‖ ≠ 1 matters
+        for layer in (model.q, model.v):
+            layer.lora_magnitude_vector["default"].mul_(
+                torch.rand_like(layer.lora_magnitude_vector["default"]) + 0.5
+            )
+    return model
+
+
+def test_dora_kernel_gradcheck() -> None:
+    from deltatune.kernels import dora_dropout_delta
+
+    x, _, a, b = _inputs(torch.float64, "cpu", shape=(2, 3, 6), out=5, r=2)
+    w = torch.randn(5, 6, dtype=torch.float64)
+    m = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()
+    norm = (w + 0.7 * (b @ a)).norm(dim=1).detach()
+    assert torch.autograd.gradcheck(
+        lambda x, a, b, m: dora_dropout_delta(x, w, a, b, m, norm, 0.7, 0.3, seed=2), (x, a, b, m)
+    )
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-6), (torch.float32, 1e-5)])
+def test_dora_layer_matches_peft_formula_with_the_kernels_masks(
+    dtype: torch.dtype, tol: float
+) -> None:
+    from deltatune.kernels import dora_delta_reference
+
+    model = _dora_model(0.2, dtype)
+    x = torch.randn(2, 9, 32, dtype=dtype)
+    torch.manual_seed(5)
+    y_fast, g_fast = _run(model, x, True)
+    torch.manual_seed(5)
+    seeds = {"q": draw_seed(), "v": draw_seed()}
+    xr = x.clone().requires_grad_()
+
+    def ref(layer: LoraLinear, name: str) -> torch.Tensor:
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        s = layer.scaling["default"]
+        w = layer.base_layer.weight
+        norm = (w + s * (b @ a)).norm(dim=1).detach()
+        m = layer.lora_magnitude_vector["default"]
+        return layer.base_layer(xr) + dora_delta_reference(
+            xr, w, a, b, m, norm, s, 0.2, seeds[name]
+        )
+
+    y_ref = ref(model.q, "q") * torch.tanh(model.k(xr)) + ref(model.v, "v")
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_ref = torch.autograd.grad(y_ref.square().sum(), [xr, *params])
+    _close(y_fast, y_ref.detach(), tol)
+    for got, want in zip(g_fast, g_ref):
+        _close(got, want, tol)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dora_without_dropout_is_bitwise_the_plain_path(train: bool) -> None:
+    model = _dora_model(0.0 if train else 0.1)
+    model.train(train)
+    x = torch.randn(2, 9, 32)
+    y_fast, g_fast = _run(model, x, True)
+    y_plain, g_plain = _run(model, x, False)
+    assert torch.equal(y_fast, y_plain)
+    assert all(torch.equal(a, b) for a, b in zip(g_fast, g_plain))
+
+
+def test_dora_fast_path_saves_less_for_backward() -> None:
+    model = _dora_model(0.1)
+    x = torch.randn(4, 64, 32, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(fast: bool) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fast_lora(fast):
+            model(x)
+        return sum(seen.values())
+
+    assert saved_bytes(True) < saved_bytes(False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_layer_with_autocast_runs_and_matches_cpu_formula() -> None:
+    model = _adapted(0.1).cuda()
+    x = torch.randn(2, 9, 32, device="cuda")
+    torch.manual_seed(3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = model(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32
+        for p in model.parameters()
+        if p.requires_grad
+    )
+
+
+def test_training_with_dropout_takes_the_fused_kernels() -> None:
+    model = _adapted(0.1)
+    y = model.q(torch.randn(2, 3, 32))
+    assert "LoraDropoutLinear" in type(y.grad_fn).__name__
+    dora = _dora_model(0.1)
+    y = dora.q(torch.randn(2, 3, 32))
+    names = []
+    fn = y.grad_fn
+    while fn is not None and len(names) < 5:
+        names.append(type(fn).__name__)
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    assert any("DoraDropoutLinear" in n for n in names) or any(
+        "DoraDropoutLinear" in type(f).__name__
+        for f, _ in y.grad_fn.next_functions
+        if f is not None
+    )
+
+
+def test_inference_in_place_add_is_bitwise_the_plain_formula() -> None:
+    model = _adapted(0.1).eval()
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        got = model.q(x)
+    layer = model.q
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    want = (
+        layer.base_layer(x)
+        + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * layer.scaling["default"]
+    )
+    assert torch.equal(got, want.detach())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_replays_the_same_masks(reentrant: bool) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    model = _adapted(0.3)
+    x = torch.randn(2, 9, 32)
+    torch.manual_seed(11)
+    y_ref, g_ref = _run(model, x, True)
+    xr = x.clone().requires_grad_()
+    torch.manual_seed(11)
+    y = checkpoint(model, xr, use_reentrant=reentrant)
+    params = [p for p in model.parameters() if p.requires_grad]
+    y.square().sum().backward()  # reentrant checkpointing needs .backward(), not .grad()
+    grads = [xr.grad, *(p.grad for p in params)]
+    assert torch.equal(y.detach(), y_ref)
+    for got, want in zip(grads, g_ref):
+        _close(got, want, 1e-6)

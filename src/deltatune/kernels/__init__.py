@@ -7,20 +7,30 @@
 """
 
 from deltatune.kernels.lora_linear import (
+    dora_delta_reference,
+    dora_dropout_delta,
     draw_seed,
     dropout_keep_mask,
+    dropout_p,
     fast_lora,
     fast_lora_enabled,
+    fusable_base,
+    linear_lora_dropout,
     lora_dropout_linear,
     lora_linear_reference,
     set_fast_lora,
 )
 
 __all__ = [
+    "dora_delta_reference",
+    "dora_dropout_delta",
     "draw_seed",
     "dropout_keep_mask",
+    "dropout_p",
     "fast_lora",
     "fast_lora_enabled",
+    "fusable_base",
+    "linear_lora_dropout",
     "lora_dropout_linear",
     "lora_linear_reference",
     "set_fast_lora",

@@ -1,43 +1,65 @@
-r"""Fast LoRA with dropout for Linear layers: one autograd Function per adapted layer.
+r"""Fast LoRA (and DoRA) with dropout for Linear layers: one autograd Function per adapted layer.
 
-The plain LoRA branch ``s · dropout(x) Aᵀ Bᵀ`` built from ``nn.Dropout`` and two ``F.linear``
-keeps, per adapted layer, a dropped copy of the input (and, on CPU, a float noise tensor of the
-same size) for backward, although the input ``x`` itself is usually kept anyway (it is the same
-tensor for the sibling projections q, k, v and gate, up). This Function keeps ``x`` and a seed
-instead and regenerates the dropout mask in backward.
+Why: the plain LoRA branch ``s · dropout(x) Aᵀ Bᵀ`` built from ``nn.Dropout`` and two
+``F.linear`` keeps, per adapted layer, a dropped copy of the input for backward (and on CPU also
+the float noise tensor ``nn.Dropout`` multiplies by), although the input ``x`` itself is often
+kept anyway and is the very same tensor for sibling projections (q, k, v; gate, up). These
+Functions keep ``x`` and a seed instead and regenerate the dropout mask in backward. They are
+used by :class:`deltatune.methods.lora.LoraLinear` only where dropout is active (``p > 0`` in
+training); with ``p = 0`` or in eval mode the layer runs the plain formula, op for op, so results
+are bitwise those of the straightforward path there.
 
 Notation: ``x`` (N × in, leading dims flattened), ``A`` (r × in), ``B`` (out × r), scale ``s``,
 dropout probability ``p``, keep mask ``M`` (N × in, entries 0/1, drawn from a seed),
-``c = 1 / (1 − p)`` and ``k = s · c``. ``dropout(x) = c · (M ⊙ x)``.
+``c = 1 / (1 − p)``, ``k = s · c``; ``dropout(x) = c · (M ⊙ x)``.
 
-Forward::
+LoRA forward (:func:`lora_dropout_linear`; :func:`linear_lora_dropout` also computes the frozen
+base ``x Wᵀ + bias`` in the same Function)::
 
-    xd  = M ⊙ x                       (transient, not kept)
-    v   = k · xd Aᵀ                    (N × r, kept)
-    y   = base + v Bᵀ                  (= base + s · dropout(x) Aᵀ Bᵀ)
+    xd = M ⊙ x                                  (transient)
+    v  = k · xd Aᵀ                              (N × r, kept, stored as vᵀ)
+    y  = base + v Bᵀ                            (= base + s · dropout(x) Aᵀ Bᵀ)
+       [fused: y = x Wᵀ + bias + v Bᵀ]
 
-Backward, given ``g = ∂L/∂y`` (N × out)::
+LoRA backward, given ``g = ∂L/∂y`` (N × out)::
 
     ∂L/∂base = g
-    ∂L/∂B    = gᵀ v                                   (out × r)
-    du       = k · g B                                (N × r)
-    ∂L/∂A    = duᵀ (M ⊙ x)                            (r × in;  M regenerated from the seed)
-    ∂L/∂x    = M ⊙ (du A)                             (N × in)
+    ∂L/∂B    = gᵀ v                             (out × r)
+    du       = k · g B                          (N × r)
+    ∂L/∂A    = duᵀ (M ⊙ x)                      (r × in; M regenerated from the seed)
+    ∂L/∂x    = M ⊙ (du A)                       (N × in)
+       [fused: ∂L/∂x = M ⊙ (du A) + g W;  W and bias get no gradient]
 
-Saved for backward: ``x`` (shared with the base layer and the siblings, so usually free),
-``v`` (r wide, stored as ``vᵀ``), ``A``, ``B`` and the seed (a Python int). Nothing N × in is created per layer
-beyond the transient ``xd`` and the mask.
+Kept for backward: ``x`` (shared with the siblings, so one copy per distinct input), ``vᵀ``,
+``A``, ``B`` (and ``W``: parameters, no new memory) and the seed, a Python int. Nothing N × in
+is created per layer beyond the transient ``xd`` and the mask.
+
+DoRA (PEFT's formula with dropout; :func:`dora_dropout_delta` returns the addition to the base
+output). ``W`` frozen (out × in), magnitude ``m`` (out), ``n = ‖W + s B A‖_row`` detached,
+``μ = m / n``::
+
+    P = dropout(x) Wᵀ,   u = dropout(x) Aᵀ,   Q = P + s · u Bᵀ           (Q kept, N × out)
+    Δ = μ ⊙ Q − P       (= (μ − 1) ⊙ dropout(x) Wᵀ + μ ⊙ s · dropout(x) Aᵀ Bᵀ)
+
+    ∂L/∂m = Σ_rows (g ⊙ Q) / n
+    du    = (g ⊙ s μ) B                         ∂L/∂B = (g ⊙ s μ)ᵀ u
+    ∂L/∂A = c · duᵀ (M ⊙ x)                     ∂L/∂x = c · M ⊙ (du A + (g ⊙ (μ − 1)) W)
+
+Kept: ``x``, ``uᵀ``, ``Q`` and the seed (the plain path keeps the dropped input, the noise, and
+two N × out tensors).
 
 The mask: ``⌈N·in/4⌉`` 64-bit random words from a ``torch.Generator`` on the input's device,
 seeded with the per-call seed, read as N·in 16-bit integers ``w``; an element is dropped where
-``w + 32768 < round(p · 65536)``. So ``p`` is used in steps of 2⁻¹⁶ (0.05 -> 0.0500031); the
-scale stays ``1 / (1 − p)`` as in ``torch.nn.Dropout``. The seed is drawn from the global CPU
-generator (``torch.manual_seed`` makes a run reproducible) unless passed explicitly, and
-:func:`dropout_keep_mask` rebuilds the same mask from it (tests compare against the plain
-formula with that mask).
+``w + 32768 < round(p · 65536)``. So ``p`` is applied in steps of 2⁻¹⁶ (0.05 → 0.0500031); the
+scale stays ``1 / (1 − p)`` as in ``torch.nn.Dropout``. Each call draws its seed from the global
+CPU generator (``torch.manual_seed`` makes a run reproducible, and activation checkpointing,
+which restores that generator, replays the same masks) unless one is passed;
+:func:`dropout_keep_mask` rebuilds the mask of a seed, and :func:`lora_linear_reference` /
+:func:`dora_delta_reference` are the plain formulas with that mask (the tests compare them).
 
-Under autocast the matmuls run in the autocast dtype (as the plain path's ``F.linear`` would),
-the output keeps ``base``'s dtype, and the gradients come back in each input's own dtype.
+Under autocast the matmuls run in the autocast dtype (as ``F.linear`` would), the output keeps
+the base output's dtype, and gradients come back in each input's own dtype. On CUDA the mask
+comes from a CUDA generator (Philox), so the same seed gives a different mask than on CPU.
 """
 
 from __future__ import annotations
@@ -50,6 +72,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from deltatune.targeting import is_conv1d
 
 _STATE = threading.local()
 _ENABLED = [True]
@@ -97,7 +122,9 @@ def _threshold(p: float) -> int:
     return round(p * 65536) - 32768
 
 
-def _random_int16(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+def _random_int16(
+    shape: torch.Size | tuple[int, ...], seed: int, device: torch.device
+) -> torch.Tensor:
     """``prod(shape)`` uniform 16-bit integers from 64-bit words of a generator seeded with ``seed``."""
     n = math.prod(shape)
     gen = _generator(torch.device(device))
@@ -107,13 +134,21 @@ def _random_int16(shape: torch.Size | tuple[int, ...], seed: int, device: torch.
     return words.view(torch.int16)[:n].view(shape)
 
 
-def _keep(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _keep(
+    shape: torch.Size | tuple[int, ...],
+    p: float,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """The keep mask ``M`` as 0/1 values of ``dtype`` (one pass from the random integers)."""
     bits = _random_int16(shape, seed, device)
     return torch.ge(bits, _threshold(p), out=torch.empty(shape, dtype=dtype, device=device))
 
 
-def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
+def dropout_keep_mask(
+    shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device
+) -> torch.Tensor:
     """The boolean keep mask ``M`` the kernel uses for this seed (``True`` = kept)."""
     return torch.ge(_random_int16(shape, seed, device), _threshold(p))
 
@@ -125,18 +160,63 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def dropout_p(dropout: nn.Module) -> float:
+    """The probability a LoRA dropout module drops with now (0 for Identity or in eval mode)."""
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as _module
+
+    return bool(
+        getattr(_module, "_global_forward_hooks", None)
+        or getattr(_module, "_global_forward_pre_hooks", None)
+    )
+
+
+def fusable_base(base: nn.Module, x: torch.Tensor, lora_dtype: torch.dtype) -> bool | None:
+    """Whether ``base``'s matmul may run inside :func:`linear_lora_dropout` instead of ``base(x)``.
+
+    Returns None when it may not, else ``weight_in_out`` (True for GPT-2 ``Conv1D``). Fusable:
+    exactly ``nn.Linear`` or ``Conv1D`` (no subclass, e.g. a quantized layer), a frozen plain
+    ``nn.Parameter`` weight and bias, no forward hooks (module or global), and dtypes that
+    ``F.linear`` accepts as they are (or autocast on).
+    """
+    if type(base) is nn.Linear:
+        in_out = False
+    elif is_conv1d(base):
+        in_out = True
+    else:
+        return None
+    w, bias = base.weight, getattr(base, "bias", None)
+    if type(w) is not nn.Parameter or w.requires_grad:
+        return None
+    if bias is not None and (type(bias) is not nn.Parameter or bias.requires_grad):
+        return None
+    if base._forward_hooks or base._forward_pre_hooks or _global_module_hooks():
+        return None
+    if not torch.is_autocast_enabled(x.device.type) and not x.dtype == w.dtype == lora_dtype:
+        return None
+    return in_out
+
+
 class _LoraDropoutLinear(torch.autograd.Function):
+    """``y = base + k · (M ⊙ x) Aᵀ Bᵀ``, or with ``base=None``: ``y = x Wᵀ + bias + ...`` (frozen W)."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         x: torch.Tensor,
-        base: torch.Tensor,
+        base: torch.Tensor | None,
+        w: torch.Tensor | None,
+        bias: torch.Tensor | None,
         a: torch.Tensor,
         b: torch.Tensor,
         k: float,
         p: float,
         seed: int,
         dtype: torch.dtype,
+        w_in_out: bool,
     ) -> torch.Tensor:
         in_f, out_f = a.shape[1], b.shape[0]
         with torch.autocast(x.device.type, enabled=False):
@@ -144,21 +224,30 @@ class _LoraDropoutLinear(torch.autograd.Function):
             xd = _keep(x2.shape, p, seed, x.device, dtype).mul_(x2)  # M ⊙ x, transient
             v_t = torch.mm(a.to(dtype), xd.t()).mul_(k)  # (r, N): this layout keeps every mm fast
             del xd
-            b_c = b.to(dtype)
-            base2d = base.reshape(-1, out_f)
-            if base.dtype == dtype:
-                out = torch.addmm(base2d, v_t.t(), b_c.t())
+            b_t = b.to(dtype).t()
+            if base is None:  # fused frozen base layer: out = x Wᵀ + bias, then += v Bᵀ in place
+                assert w is not None
+                w_t = w.to(dtype) if w_in_out else w.to(dtype).t()
+                xc = x2.to(dtype)
+                out = torch.mm(xc, w_t) if bias is None else torch.addmm(bias.to(dtype), xc, w_t)
+                out.addmm_(v_t.t(), b_t)
+                shape = (*x.shape[:-1], out_f)
             else:
-                out = base2d + torch.mm(v_t.t(), b_c.t()).to(base.dtype)
-        ctx.save_for_backward(x, v_t, a, b)
-        ctx.k, ctx.p, ctx.seed, ctx.dtype = k, p, seed, dtype
-        return out.view(base.shape)
+                shape = base.shape
+                base2d = base.reshape(-1, out_f)
+                if base.dtype == dtype:
+                    out = torch.addmm(base2d, v_t.t(), b_t)
+                else:
+                    out = base2d + torch.mm(v_t.t(), b_t).to(base.dtype)
+        ctx.save_for_backward(x, v_t, a, b, w)
+        ctx.k, ctx.p, ctx.seed, ctx.dtype, ctx.w_in_out = k, p, seed, dtype, w_in_out
+        return out.view(shape)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, v_t, a, b = ctx.saved_tensors
+        x, v_t, a, b, w = ctx.saved_tensors
         dtype: torch.dtype = ctx.dtype
-        need_x, need_base, need_a, need_b = ctx.needs_input_grad[:4]
+        need_x, need_base, _, _, need_a, need_b = ctx.needs_input_grad[:6]
         in_f, out_f = a.shape[1], b.shape[0]
         grad_x = grad_a = grad_b = None
         with torch.autocast(g.device.type, enabled=False):
@@ -169,11 +258,20 @@ class _LoraDropoutLinear(torch.autograd.Function):
                 du_t = torch.mm(b.to(dtype).t(), g2.t()).mul_(ctx.k)  # (r, N)
                 keep = _keep((x.numel() // in_f, in_f), ctx.p, ctx.seed, x.device, dtype)
                 if need_x:
-                    grad_x = torch.mm(du_t.t(), a.to(dtype)).mul_(keep).view(x.shape).to(x.dtype)
+                    dx = torch.mm(du_t.t(), a.to(dtype)).mul_(keep)
+                    if w is not None:  # the fused base layer's input gradient: g W
+                        dx.addmm_(g2, w.to(dtype).t() if ctx.w_in_out else w.to(dtype))
+                    grad_x = dx.view(x.shape).to(x.dtype)
                 if need_a:
                     xd = keep.mul_(x.reshape(-1, in_f))  # the mask's buffer becomes M ⊙ x
                     grad_a = torch.mm(du_t, xd).to(a.dtype)
-        return grad_x, (g if need_base else None), grad_a, grad_b, None, None, None, None
+        grad_base = g if need_base else None
+        return grad_x, grad_base, None, None, grad_a, grad_b, None, None, None, None, None
+
+
+def _check_p(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p={p} must be in [0, 1)")
 
 
 def lora_dropout_linear(
@@ -190,16 +288,156 @@ def lora_dropout_linear(
     ``x``: ``(..., in)``; ``base``: ``(..., out)`` (the base layer's output, returned plus the
     LoRA term, in its own dtype); ``a``: ``(r, in)``; ``b``: ``(out, r)``; ``0 <= p < 1``.
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout p={p} must be in [0, 1)")
-    if seed is None:
-        seed = draw_seed()
+    _check_p(p)
+    seed = draw_seed() if seed is None else seed
     dtype = _compute_dtype(x, a)
-    return _LoraDropoutLinear.apply(x, base, a, b, scale / (1.0 - p), p, seed, dtype)  # type: ignore[no-any-return]
+    k = scale / (1.0 - p)
+    return _LoraDropoutLinear.apply(x, base, None, None, a, b, k, p, seed, dtype, False)  # type: ignore[no-any-return]
+
+
+def linear_lora_dropout(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    p: float,
+    seed: int | None = None,
+    weight_in_out: bool = False,
+) -> torch.Tensor:
+    """``x Wᵀ + bias + scale · dropout_p(x) Aᵀ Bᵀ`` for a frozen ``W`` (no gradient for W, bias).
+
+    The base layer's matmul runs inside the same Function, so that backward reads the output
+    gradient once and adds ``g W`` straight into the input gradient. ``weight_in_out``: ``W`` is
+    stored ``(in, out)`` (GPT-2 ``Conv1D``). Under autocast, W and bias are cast like
+    ``F.linear`` would cast them.
+    """
+    _check_p(p)
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError(
+            "linear_lora_dropout needs a frozen weight and bias; use lora_dropout_linear"
+        )
+    seed = draw_seed() if seed is None else seed
+    dtype = _compute_dtype(x, a)
+    k = scale / (1.0 - p)
+    return _LoraDropoutLinear.apply(  # type: ignore[no-any-return]
+        x, None, weight, bias, a, b, k, p, seed, dtype, weight_in_out
+    )
+
+
+class _DoraDropoutLinear(torch.autograd.Function):
+    """DoRA with dropout (PEFT's formula), see the module docstring."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        m: torch.Tensor,
+        norm: torch.Tensor,
+        s: float,
+        p: float,
+        seed: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        in_f, out_f = a.shape[1], b.shape[0]
+        c = 1.0 / (1.0 - p)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, in_f)
+            xd = _keep(x2.shape, p, seed, x.device, dtype).mul_(x2)  # M ⊙ x, transient
+            big_p = torch.mm(xd, w.to(dtype).t()).mul_(c)  # P = dropout(x) Wᵀ
+            u_t = torch.mm(a.to(dtype), xd.t()).mul_(c)  # uᵀ = (dropout(x) Aᵀ)ᵀ
+            del xd
+            q = torch.addmm(big_p, u_t.t(), b.to(dtype).t(), alpha=s)  # Q = P + s u Bᵀ
+            ms = (m / norm).to(dtype)
+            delta = big_p.neg_().addcmul_(q, ms)  # ms ⊙ Q − P, in P's buffer
+        ctx.save_for_backward(x, u_t, q, w, a, b, ms, norm)
+        ctx.s, ctx.c, ctx.p, ctx.seed, ctx.dtype = s, c, p, seed, dtype
+        return delta.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, u_t, q, w, a, b, ms, norm = ctx.saved_tensors
+        dtype: torch.dtype = ctx.dtype
+        need_x, _, need_a, need_b, need_m = ctx.needs_input_grad[:5]
+        in_f, out_f = a.shape[1], b.shape[0]
+        grad_x = grad_a = grad_b = grad_m = None
+        with torch.autocast(g.device.type, enabled=False):
+            g2 = g.reshape(-1, out_f).to(dtype)
+            sms = ms * ctx.s  # (out,)
+            if need_m:
+                grad_m = (torch.linalg.vecdot(g2.t(), q.t()) / norm).to(norm.dtype)
+            if need_b:
+                grad_b = torch.mm(u_t, g2).t().mul(sms.unsqueeze(1)).to(b.dtype)
+            if need_a or need_x:
+                # du = (g ⊙ s·ms) B, with the dropout scale c folded in
+                du_t = torch.mm((b.to(dtype) * (sms * ctx.c).unsqueeze(1)).t(), g2.t())
+                keep = _keep((x.numel() // in_f, in_f), ctx.p, ctx.seed, x.device, dtype)
+                if need_x:
+                    w_s = w.to(dtype) * ((ms - 1) * ctx.c).unsqueeze(1)
+                    dx = torch.mm(du_t.t(), a.to(dtype)).addmm_(g2, w_s).mul_(keep)
+                    grad_x = dx.view(x.shape).to(x.dtype)
+                if need_a:
+                    xd = keep.mul_(x.reshape(-1, in_f))
+                    grad_a = torch.mm(du_t, xd).to(a.dtype)
+        return grad_x, None, grad_a, grad_b, grad_m, None, None, None, None, None
+
+
+def dora_dropout_delta(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    magnitude: torch.Tensor,
+    weight_norm: torch.Tensor,
+    scale: float,
+    p: float,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """DoRA's addition to the base output with dropout, as PEFT computes it (module docstring).
+
+    ``(m/n − 1) ⊙ dropout(x) Wᵀ + (m/n) ⊙ s · dropout(x) Aᵀ Bᵀ`` with ``W`` the frozen
+    base weight in ``(out, in)`` layout, ``m`` the magnitude and ``n`` the detached row norm of
+    ``W + s B A`` (no gradient flows into ``n`` or ``W``).
+    """
+    _check_p(p)
+    seed = draw_seed() if seed is None else seed
+    dtype = _compute_dtype(x, a)
+    return _DoraDropoutLinear.apply(  # type: ignore[no-any-return]
+        x, weight.detach(), a, b, magnitude, weight_norm.detach(), scale, p, seed, dtype
+    )
+
+
+def dora_delta_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    magnitude: torch.Tensor,
+    weight_norm: torch.Tensor,
+    scale: float,
+    p: float,
+    seed: int,
+) -> torch.Tensor:
+    """PEFT's DoRA formula with dropout, written plainly, with the kernel's mask for ``seed``."""
+    keep = dropout_keep_mask(x.shape, p, seed, x.device).to(x.dtype)
+    xd = x * keep / (1.0 - p)
+    ms = (magnitude / weight_norm.detach()).view(1, -1)
+    lora = F.linear(F.linear(xd, a), b)
+    return (ms - 1) * F.linear(xd, weight.detach()) + ms * lora * scale
 
 
 def lora_linear_reference(
-    x: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, p: float, seed: int
+    x: torch.Tensor,
+    base: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    p: float,
+    seed: int,
 ) -> torch.Tensor:
     """The plain formula ``base + scale · dropout(x) Aᵀ Bᵀ`` with the kernel's mask for ``seed``."""
     keep = dropout_keep_mask(x.shape, p, seed, x.device).to(x.dtype)
@@ -207,10 +445,15 @@ def lora_linear_reference(
 
 
 __all__ = [
-    "dropout_keep_mask",
+    "dora_delta_reference",
+    "dora_dropout_delta",
     "draw_seed",
+    "dropout_keep_mask",
+    "dropout_p",
     "fast_lora",
     "fast_lora_enabled",
+    "fusable_base",
+    "linear_lora_dropout",
     "lora_dropout_linear",
     "lora_linear_reference",
     "set_fast_lora",

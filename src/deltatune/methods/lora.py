@@ -30,14 +30,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import ConfigError, DeltatuneError
-from deltatune.kernels import fast_lora_enabled, lora_dropout_linear
+from deltatune.kernels import (
+    dora_dropout_delta,
+    dropout_p,
+    fast_lora_enabled,
+    fusable_base,
+    linear_lora_dropout,
+    lora_dropout_linear,
+)
 from deltatune.layers import AdapterLayer
 from deltatune.registry import Capabilities, MethodConfig, MethodSpec, register
 from deltatune.targeting import is_conv1d, select_modules, set_submodule
@@ -117,8 +124,15 @@ class LoraConfig(MethodConfig):
 def lora_delta(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dropout: nn.Module
 ) -> torch.Tensor:
-    """``scale · dropout(x) Aᵀ Bᵀ`` — the LoRA branch of a linear layer."""
-    return F.linear(F.linear(dropout(x), a), b) * scale
+    """``scale · dropout(x) Aᵀ Bᵀ`` — the LoRA branch of a linear layer (the plain path)."""
+    return F.linear(F.linear(dropout(x), a), b).mul_(scale)
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` typed as a tensor (ModuleDict entries are typed as plain Modules)."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 def _init_ab(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
@@ -143,6 +157,11 @@ class _LoraBase(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.rank: dict[str, int] = {}
 
+    def add_adapter(
+        self, adapter_name: str, config: Any, r: int | None = None, alpha: float | None = None
+    ) -> None:
+        raise NotImplementedError
+
     def _add_common(self, name: str, r: int, scale: float, dropout: float) -> None:
         self.rank[name] = r
         self.scaling[name] = scale
@@ -156,7 +175,7 @@ class _LoraBase(AdapterLayer):
         self.rank.pop(adapter_name, None)
 
     def _like_base(self, tensor: torch.Tensor) -> torch.Tensor:
-        w = self.base_layer.weight
+        w = self.base_weight_param
         return tensor.to(device=w.device, dtype=w.dtype if w.is_floating_point() else torch.float32)
 
 
@@ -168,10 +187,8 @@ class LoraLinear(_LoraBase):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
-        weight = base_layer.weight
-        self.out_features, self.in_features = (
-            (weight.shape[1], weight.shape[0]) if self.fan_in_fan_out else weight.shape
-        )
+        rows, cols = (int(n) for n in _weight(base_layer).shape)
+        self.out_features, self.in_features = (cols, rows) if self.fan_in_fan_out else (rows, cols)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
@@ -179,15 +196,26 @@ class LoraLinear(_LoraBase):
 
     def base_weight(self) -> torch.Tensor:
         """The base weight in ``(out, in)`` layout."""
-        w = self.base_layer.weight
+        w = self.base_weight_param
         return w.t() if self.fan_in_fan_out else w
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig, r: int, alpha: float) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int | None = None,
+        alpha: float | None = None,
+    ) -> None:
+        r, alpha = (config.r if r is None else r), (config.lora_alpha if alpha is None else alpha)
         a = nn.Linear(self.in_features, r, bias=False)
         b = nn.Linear(r, self.out_features, bias=False)
         _init_ab(a.weight, b.weight, config.init_lora_weights, r)
-        self.lora_A[adapter_name] = a.to(self._like_base(a.weight).dtype).to(self.base_layer.weight.device)
-        self.lora_B[adapter_name] = b.to(self._like_base(b.weight).dtype).to(self.base_layer.weight.device)
+        self.lora_A[adapter_name] = a.to(self._like_base(a.weight).dtype).to(
+            self.base_weight_param.device
+        )
+        self.lora_B[adapter_name] = b.to(self._like_base(b.weight).dtype).to(
+            self.base_weight_param.device
+        )
         self._add_common(adapter_name, r, config.scale(r, alpha), config.lora_dropout)
         if config.use_dora:
             with torch.no_grad():
@@ -195,7 +223,7 @@ class LoraLinear(_LoraBase):
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.clone())
 
     def _lora_weight(self, name: str) -> torch.Tensor:
-        return self.lora_B[name].weight @ self.lora_A[name].weight
+        return _weight(self.lora_B[name]) @ _weight(self.lora_A[name])
 
     def _merged_weight(self, name: str, detach: bool) -> torch.Tensor:
         lora = self._lora_weight(name)
@@ -206,8 +234,8 @@ class LoraLinear(_LoraBase):
 
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         out = {
-            "lora_A.weight": self.lora_A[adapter_name].weight,
-            "lora_B.weight": self.lora_B[adapter_name].weight,
+            "lora_A.weight": _weight(self.lora_A[adapter_name]),
+            "lora_B.weight": _weight(self.lora_B[adapter_name]),
         }
         if adapter_name in self.lora_magnitude_vector:
             out["lora_magnitude_vector"] = self.lora_magnitude_vector[adapter_name]
@@ -226,8 +254,10 @@ class LoraLinear(_LoraBase):
             scale = self.lora_magnitude_vector[adapter_name] / combined.norm(p=2, dim=1)
             new = scale.view(-1, 1) * combined
             if safe_merge and not torch.isfinite(new).all():
-                raise DeltatuneError(f"merging DoRA adapter '{adapter_name}' would put NaN/Inf into the weights")
-            self.base_layer.weight.data.copy_(new.t() if self.fan_in_fan_out else new)
+                raise DeltatuneError(
+                    f"merging DoRA adapter '{adapter_name}' would put NaN/Inf into the weights"
+                )
+            self.base_weight_param.data.copy_(new.t() if self.fan_in_fan_out else new)
             self._dora_scale[adapter_name] = scale
 
     def _unmerge_one(self, adapter_name: str) -> None:
@@ -236,41 +266,83 @@ class LoraLinear(_LoraBase):
             return
         with torch.no_grad():
             scale = self._dora_scale.pop(adapter_name)
-            w = self.base_weight() / scale.view(-1, 1) - self.scaling[adapter_name] * self._lora_weight(adapter_name)
-            self.base_layer.weight.data.copy_(w.t() if self.fan_in_fan_out else w)
+            w = self.base_weight() / scale.view(-1, 1) - self.scaling[
+                adapter_name
+            ] * self._lora_weight(adapter_name)
+            self.base_weight_param.data.copy_(w.t() if self.fan_in_fan_out else w)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         adapters = self.adapters_to_run()
         if not adapters:
-            return result
-        base_out = result
-        out_dtype = result.dtype
+            return self.base_layer(x, *args, **kwargs)
         autocast = torch.is_autocast_enabled(x.device.type)
         fast = fast_lora_enabled()
+        first = adapters[0]
+        a, b = _weight(self.lora_A[first]), _weight(self.lora_B[first])
+        p = dropout_p(self.lora_dropout[first])
+        in_out = None
+        if fast and p > 0.0 and not (args or kwargs):
+            if not any(name in self.lora_magnitude_vector for name in adapters):
+                in_out = fusable_base(self.base_layer, x, a.dtype)
+        if in_out is not None:
+            # One Function for the frozen base matmul and the first adapter: backward reads the
+            # output gradient once and adds g·W straight into dx (deltatune.kernels.lora_linear).
+            base = self.base_layer
+            s = self.scaling[first]
+            result = linear_lora_dropout(
+                x,
+                _weight(base),
+                cast("torch.Tensor | None", base.bias),
+                a,
+                b,
+                s,
+                p,
+                weight_in_out=in_out,
+            )
+            adapters = adapters[1:]
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+        base_out = result
+        out_dtype = result.dtype
+        # Without autograd, add into the base layer's fresh output (same values, fewer buffers).
+        in_place = not torch.is_grad_enabled() and not any(
+            name in self.lora_magnitude_vector for name in adapters
+        )
+        in_place = in_place and (type(self.base_layer) is nn.Linear or self.fan_in_fan_out)
         for name in adapters:
-            a = self.lora_A[name].weight
-            b = self.lora_B[name].weight
+            a = _weight(self.lora_A[name])
+            b = _weight(self.lora_B[name])
             xa = x if autocast else x.to(a.dtype)
             if name in self.lora_magnitude_vector:
                 result = result + self._dora_delta(name, xa, base_out).to(out_dtype)
                 continue
-            dropout = self.lora_dropout[name]
-            p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+            p = dropout_p(self.lora_dropout[name])
             if fast and p > 0.0:
                 # Keeps x and a seed instead of a dropped copy (deltatune.kernels.lora_linear).
                 result = lora_dropout_linear(xa, result, a, b, self.scaling[name], p)
             else:
-                result = result + lora_delta(xa, a, b, self.scaling[name], dropout).to(out_dtype)
+                delta = lora_delta(xa, a, b, self.scaling[name], self.lora_dropout[name])
+                if in_place:
+                    result.add_(delta.to(out_dtype))
+                else:
+                    result = result + delta.to(out_dtype)
         return result
 
     def _dora_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """DoRA's addition to the base output: ``(m/‖W'‖ − 1)·W x + (m/‖W'‖)·s·B A x``."""
         dropout = self.lora_dropout[name]
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        a, b = _weight(self.lora_A[name]), _weight(self.lora_B[name])
         weight = self.base_weight()
-        weight_norm = (weight + self.scaling[name] * (b @ a).detach().to(weight.dtype)).norm(p=2, dim=1).detach()
-        mag_scale = (self.lora_magnitude_vector[name] / weight_norm).view(1, -1)
+        lora_w = (b @ a).detach().to(weight.dtype)
+        weight_norm = (weight + self.scaling[name] * lora_w).norm(p=2, dim=1).detach()
+        magnitude = self.lora_magnitude_vector[name]
+        p = dropout_p(dropout)
+        if p > 0.0 and fast_lora_enabled():
+            # Keeps x, a seed and one (N × out) tensor (deltatune.kernels.lora_linear).
+            return dora_dropout_delta(
+                x, weight, a, b, magnitude, weight_norm, self.scaling[name], p
+            )
+        mag_scale = (magnitude / weight_norm).view(1, -1)
         if isinstance(dropout, nn.Identity) or not self.training:
             bias = getattr(self.base_layer, "bias", None)
             base = base_out - bias if bias is not None else base_out
@@ -292,9 +364,18 @@ class LoraEmbedding(_LoraBase):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig, r: int, alpha: float) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int | None = None,
+        alpha: float | None = None,
+    ) -> None:
+        r, alpha = (config.r if r is None else r), (config.lora_alpha if alpha is None else alpha)
         if config.use_dora:
-            raise ConfigError("use_dora=true is supported on Linear/Conv1D layers, not Embedding; exclude it")
+            raise ConfigError(
+                "use_dora=true is supported on Linear/Conv1D layers, not Embedding; exclude it"
+            )
         base: nn.Embedding = self.base_layer  # type: ignore[assignment]
         a = torch.randn(r, base.num_embeddings)
         b = torch.randn(base.embedding_dim, r)
@@ -320,8 +401,13 @@ class LoraEmbedding(_LoraBase):
         base: nn.Embedding = self.base_layer  # type: ignore[assignment]
         for name in self.adapters_to_run():
             after_a = F.embedding(
-                x, self.lora_embedding_A[name].t(), base.padding_idx, base.max_norm,
-                base.norm_type, base.scale_grad_by_freq, base.sparse,
+                x,
+                self.lora_embedding_A[name].t(),
+                base.padding_idx,
+                base.max_norm,
+                base.norm_type,
+                base.scale_grad_by_freq,
+                base.sparse,
             )
             result = result + (after_a @ self.lora_embedding_B[name].t()) * self.scaling[name]
         return result
@@ -342,12 +428,28 @@ class LoraConv2d(_LoraBase):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig, r: int, alpha: float) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int | None = None,
+        alpha: float | None = None,
+    ) -> None:
+        r, alpha = (config.r if r is None else r), (config.lora_alpha if alpha is None else alpha)
         if config.use_dora:
-            raise ConfigError("use_dora=true is supported on Linear/Conv1D layers, not Conv2d; exclude it")
+            raise ConfigError(
+                "use_dora=true is supported on Linear/Conv1D layers, not Conv2d; exclude it"
+            )
         base: nn.Conv2d = self.base_layer  # type: ignore[assignment]
-        a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding,  # type: ignore[arg-type]
-                      base.dilation, bias=False)
+        a = nn.Conv2d(
+            base.in_channels,
+            r,
+            cast(tuple[int, int], base.kernel_size),
+            cast(tuple[int, int], base.stride),
+            cast(tuple[int, int], base.padding),
+            cast(tuple[int, int], base.dilation),
+            bias=False,
+        )
         b = nn.Conv2d(r, base.out_channels, 1, 1, bias=False)
         _init_ab(a.weight, b.weight, config.init_lora_weights, r)
         self.lora_A[adapter_name] = a.to(base.weight.device, base.weight.dtype)
@@ -355,10 +457,13 @@ class LoraConv2d(_LoraBase):
         self._add_common(adapter_name, r, config.scale(r, alpha), config.lora_dropout)
 
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A[adapter_name].weight, "lora_B.weight": self.lora_B[adapter_name].weight}
+        return {
+            "lora_A.weight": _weight(self.lora_A[adapter_name]),
+            "lora_B.weight": _weight(self.lora_B[adapter_name]),
+        }
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        a, b = _weight(self.lora_A[adapter_name]), _weight(self.lora_B[adapter_name])
         if a.shape[2:] == (1, 1):
             w = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
         else:
@@ -369,8 +474,10 @@ class LoraConv2d(_LoraBase):
         result = self.base_layer(x, *args, **kwargs)
         for name in self.adapters_to_run():
             a, b = self.lora_A[name], self.lora_B[name]
-            xa = x.to(a.weight.dtype) if not torch.is_autocast_enabled() else x
-            result = result + (b(a(self.lora_dropout[name](xa))) * self.scaling[name]).to(result.dtype)
+            xa = x.to(_weight(a).dtype) if not torch.is_autocast_enabled() else x
+            result = result + (b(a(self.lora_dropout[name](xa))) * self.scaling[name]).to(
+                result.dtype
+            )
         return result
 
 
@@ -404,7 +511,11 @@ def _modules_to_save_names(model: nn.Module, config: LoraConfig) -> set[str]:
     from deltatune.model import modules_to_save_of
 
     patterns = modules_to_save_of(config)
-    return {n for n, _ in model.named_modules() if n and any(n == p or n.endswith("." + p) for p in patterns)}
+    return {
+        n
+        for n, _ in model.named_modules()
+        if n and any(n == p or n.endswith("." + p) for p in patterns)
+    }
 
 
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
@@ -433,7 +544,10 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None
 def _inside_other_adapter(model: nn.Module, name: str) -> bool:
     """True for a module that is part of an adapter (e.g. an existing ``lora_A`` Linear)."""
     parts = name.split(".")
-    return any(isinstance(model.get_submodule(".".join(parts[:i])), AdapterLayer) for i in range(1, len(parts)))
+    return any(
+        isinstance(model.get_submodule(".".join(parts[:i])), AdapterLayer)
+        for i in range(1, len(parts))
+    )
 
 
 register(
@@ -441,7 +555,9 @@ register(
         name="lora",
         config_cls=LoraConfig,
         inject=inject_lora,
-        capabilities=Capabilities(merge=True, peft_compatible=True, multi_adapter=True, disable=True),
+        capabilities=Capabilities(
+            merge=True, peft_compatible=True, multi_adapter=True, disable=True
+        ),
         default_lr=1e-3,
         summary="Low-rank update B·A beside frozen weights (rsLoRA and DoRA as options)",
         family="low-rank",
