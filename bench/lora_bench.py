@@ -398,12 +398,9 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
         iv.times, iv.cpu_times = itimes[i], icpu[i]
 
     bound = variants[0]
-    b_med = statistics.median(bound.times)
-    b_cpu = statistics.median(bound.cpu_times)
     b_growth = bound.memory["peak"] - bound.memory["weights"]
     train_rows = []
     for v in variants:
-        med = statistics.median(v.times)
         extra = v.memory["peak"] - bound.memory["peak"]
         train_rows.append(
             {
@@ -412,12 +409,10 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
                 "targets": v.targets,
                 "r": v.r,
                 "lora_dropout": v.dropout,
-                "step_s": med,
+                "step_s": statistics.median(v.times),
                 "step_s_rounds": v.times,
-                "time_x_bound": med / b_med,
                 "cpu_s": statistics.median(v.cpu_times),
                 "cpu_s_rounds": v.cpu_times,
-                "cpu_x_bound": statistics.median(v.cpu_times) / b_cpu,
                 "memory_bytes": v.memory,
                 "extra_over_bound_bytes": extra,
                 "mem_extra_x_bound_growth": extra / b_growth,
@@ -425,8 +420,6 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
                 / b_growth,
             }
         )
-    base_med = statistics.median(infer[0].times)
-    base_cpu = statistics.median(infer[0].cpu_times)
     infer_rows = [
         {
             "variant": iv.name,
@@ -434,19 +427,49 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
             "r": iv.r,
             "latency_s": statistics.median(iv.times),
             "latency_s_rounds": iv.times,
-            "x_base": statistics.median(iv.times) / base_med,
-            "cpu_x_base": statistics.median(iv.cpu_times) / base_cpu,
+            "cpu_s_rounds": iv.cpu_times,
         }
         for iv in infer
     ]
-    return {
-        "model": kind,
-        "params": n_params,
-        "train": train_rows,
-        "inference": infer_rows,
-        "merged_max_abs_diff": merged_ok,
-        "bound_growth_bytes": b_growth,
-    }
+    return summarize(
+        {
+            "model": kind,
+            "params": n_params,
+            "train": train_rows,
+            "inference": infer_rows,
+            "merged_max_abs_diff": merged_ok,
+            "bound_growth_bytes": b_growth,
+        }
+    )
+
+
+def _paired(rounds: list[float], ref: list[float]) -> tuple[float, float, float]:
+    """Median, min and max over rounds of ``rounds[i] / ref[i]`` (same round, close in time)."""
+    ratios = [a / b for a, b in zip(rounds, ref)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """(Re)compute the ratio columns from the per-round times stored in ``result``.
+
+    ``x bound`` / ``x base`` is the median over rounds of the ratio within each round, which
+    cancels slow drifts in machine load better than the ratio of the two medians (also kept,
+    as ``*_of_medians``).
+    """
+    bound = result["train"][0]
+    for row in result["train"]:
+        med, lo, hi = _paired(row["step_s_rounds"], bound["step_s_rounds"])
+        row["time_x_bound"], row["time_x_bound_range"] = med, [lo, hi]
+        row["time_x_bound_of_medians"] = row["step_s"] / bound["step_s"]
+        row["cpu_x_bound"] = _paired(row["cpu_s_rounds"], bound["cpu_s_rounds"])[0]
+    base = result["inference"][0]
+    for row in result["inference"]:
+        med, lo, hi = _paired(row["latency_s_rounds"], base["latency_s_rounds"])
+        row["x_base"], row["x_base_range"] = med, [lo, hi]
+        row["x_base_of_medians"] = row["latency_s"] / base["latency_s"]
+        if "cpu_s_rounds" in row and "cpu_s_rounds" in base:
+            row["cpu_x_base"] = _paired(row["cpu_s_rounds"], base["cpu_s_rounds"])[0]
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,29 +479,38 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
 
+def _range(lo_hi: list[float]) -> str:
+    return f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"### {result['model']} ({result['params'] / 1e6:.1f}M params)",
         "",
-        "| variant | dropout | step s | x bound | cpu x bound | peak MiB | extra MiB | extra / bound growth | growth / bound growth |",
+        "| variant | dropout | step s | x bound (min-max) | cpu x bound | peak MiB | extra MiB | extra / bound growth | growth / bound growth |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["train"]:
         lines.append(
-            f"| {row['variant']} | {row['lora_dropout']:g} | {row['step_s']:.3f} | {row['time_x_bound']:.3f} "
+            f"| {row['variant']} | {row['lora_dropout']:g} | {row['step_s']:.3f} "
+            f"| {row['time_x_bound']:.3f} ({_range(row['time_x_bound_range'])}) "
             f"| {row['cpu_x_bound']:.3f} "
             f"| {_mb(row['memory_bytes']['peak'])} | {_mb(row['extra_over_bound_bytes'])} "
             f"| {row['mem_extra_x_bound_growth']:.3f} | {row['mem_growth_x_bound_growth']:.3f} |"
         )
     lines += [
         "",
-        "| inference | targets | r | latency s | x base | cpu x base |",
+        "| inference | targets | r | latency s | x base (min-max) | cpu x base |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["inference"]:
         lines.append(
-            f"| {row['variant']} | {row['targets']} | {row['r']} | {row['latency_s']:.4f} | {row['x_base']:.3f} "
+            f"| {row['variant']} | {row['targets']} | {row['r']} | {row['latency_s']:.4f} "
+            f"| {row['x_base']:.3f} ({_range(row['x_base_range'])}) "
             f"| {row['cpu_x_base']:.3f} |"
+            if "cpu_x_base" in row
+            else f"| {row['variant']} | {row['targets']} | {row['r']} | {row['latency_s']:.4f} "
+            f"| {row['x_base']:.3f} ({_range(row['x_base_range'])}) | - |"
         )
     diffs = ", ".join(f"{k}: {v:.1e}" for k, v in result["merged_max_abs_diff"].items())
     lines += ["", f"merged vs unmerged logits, max abs diff: {diffs}"]
@@ -494,6 +526,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -532,6 +565,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out", type=Path, default=None, help="JSON path (default bench/results/lora_<model>.json)"
     )
+    p.add_argument(
+        "--table",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="recompute the ratio columns of these result files (rewritten) and print their tables",
+    )
     args = p.parse_args(argv)
     args.batch = args.batch or (2 if args.quick else 8)
     args.seq = args.seq or (128 if args.quick else 256)
@@ -541,6 +581,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.table:
+        for path in args.table:
+            result = summarize(json.loads(path.read_text(encoding="utf-8")))
+            write_json_atomic(path, result)
+            print(format_table(result) + "\n")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -281,9 +281,9 @@ class LoraLinear(_LoraBase):
         a, b = _weight(self.lora_A[first]), _weight(self.lora_B[first])
         p = dropout_p(self.lora_dropout[first])
         in_out = None
-        if fast and p > 0.0 and not (args or kwargs):
-            if not any(name in self.lora_magnitude_vector for name in adapters):
-                in_out = fusable_base(self.base_layer, x, a.dtype)
+        dora = any(name in self.lora_magnitude_vector for name in adapters)
+        if fast and p > 0.0 and not (args or kwargs or dora):
+            in_out = fusable_base(self.base_layer, x, a.dtype)
         if in_out is not None:
             # One Function for the frozen base matmul and the first adapter: backward reads the
             # output gradient once and adds g·W straight into dx (deltatune.kernels.lora_linear).
@@ -305,9 +305,7 @@ class LoraLinear(_LoraBase):
         base_out = result
         out_dtype = result.dtype
         # Without autograd, add into the base layer's fresh output (same values, fewer buffers).
-        in_place = not torch.is_grad_enabled() and not any(
-            name in self.lora_magnitude_vector for name in adapters
-        )
+        in_place = not torch.is_grad_enabled() and not dora
         in_place = in_place and (type(self.base_layer) is nn.Linear or self.fan_in_fan_out)
         for name in adapters:
             a = _weight(self.lora_A[name])
