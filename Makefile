@@ -4,10 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deltatune-installed
+# Fashion-MNIST (image examples, CNN benchmark) is a Debian package, not a pip one.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup run test lint typecheck clean bench
+.PHONY: setup run test lint typecheck clean bench bench-cnn fashion-mnist
 
-setup: $(STAMP)
+setup: $(STAMP) fashion-mnist
 
 $(STAMP): pyproject.toml requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +17,25 @@ $(STAMP): pyproject.toml requirements-assets.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-assets.txt
 	@$(BIN)/python -c "import torch; assert '+cpu' in torch.__version__ or torch.version.cuda, torch.__version__"
 	touch $(STAMP)
+
+# Installs dataset-fashion-mnist with apt when it is missing and this user can (root, or
+# password-less sudo); otherwise prints how to, and set-up goes on (only the Fashion-MNIST
+# examples need it).
+fashion-mnist:
+	@if [ -f $(FASHION_MNIST) ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "note: no apt-get here; Fashion-MNIST (data.source=fashion_mnist) needs the Debian package dataset-fashion-mnist, or its IDX files in /usr/share/datasets/fashion-mnist/"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ]; then \
+	    echo "note: Fashion-MNIST is not installed; run \`sudo apt-get install -y dataset-fashion-mnist\` for data.source=fashion_mnist"; \
+	  else \
+	    echo "installing Fashion-MNIST: $${SUDO:+$$SUDO }apt-get install -y dataset-fashion-mnist"; \
+	    $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+	      || { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+	      || echo "note: apt-get could not install dataset-fashion-mnist; data.source=fashion_mnist will not work until it is installed"; \
+	  fi; \
+	fi
 
 run: setup
 	$(BIN)/deltatune train $(ARGS)
@@ -31,6 +52,9 @@ test: setup lint typecheck
 
 bench: setup
 	$(BIN)/python bench/lora_bench.py $(ARGS)
+
+bench-cnn: setup
+	$(BIN)/python bench/cnn_compare.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -59,8 +59,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from deltatune.run import predict_texts
+    from deltatune.run import predict_images, predict_texts
 
+    if args.image:
+        if args.text or args.file:
+            raise DeltatuneError("give either --image files or --text/--file texts, not both")
+        for image in args.image:
+            if not Path(image).is_file():
+                raise DeltatuneError(f"--image '{image}' does not exist")
+        for row in predict_images(args.run_dir, list(args.image)):
+            if args.json:
+                print(json.dumps(row))
+            else:
+                print(f"{row['label']}\t{row['score']:.3f}\t{row['image']}")
+        return 0
     texts: list[str] = list(args.text or [])
     if args.file:
         path = Path(args.file)
@@ -71,7 +83,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         ]
     if not texts:
         raise DeltatuneError(
-            'give texts to label with --text "..." (repeatable) or --file FILE (one per line)'
+            'give texts to label with --text "..." (repeatable) or --file FILE (one per line), '
+            "or images with --image FILE (repeatable)"
         )
     rows = predict_texts(args.run_dir, texts)
     for row in rows:
@@ -87,9 +100,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from deltatune.run import merge_run
 
     out = merge_run(args.run_dir, args.out_dir)
-    print(
-        f"merged model written to {out} (load it with transformers.AutoModelForSequenceClassification.from_pretrained)"
-    )
+    if (out / "model.safetensors").is_file() and (out / "config.yaml").is_file():
+        print(f"merged CNN written to {out} (model.safetensors: the ImageClassifier state dict)")
+    else:
+        print(
+            f"merged model written to {out} (load it with transformers.AutoModelForSequenceClassification.from_pretrained)"
+        )
     return 0
 
 
@@ -160,10 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("predict", help="label texts with a trained run")
+    p = sub.add_parser("predict", help="label texts (or images) with a trained run")
     p.add_argument("run_dir")
     p.add_argument("--text", action="append", help="a text to label (repeatable)")
     p.add_argument("--file", help="a file with one text per line")
+    p.add_argument("--image", action="append", help="an image file to label (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(func=_cmd_predict)
 

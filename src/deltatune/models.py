@@ -2,7 +2,9 @@
 
 The hub is reached only when the user names a hub id (``model.name_or_path: org/name``);
 the embedded default and local folders load with ``local_files_only=True``. Remote code stays
-off unless ``trust_remote_code: true``.
+off unless ``trust_remote_code: true``. CNNs for image data (``embedded-vgg16bn``, a class
+path, ``torchvision:``/``timm:`` names) are built by :mod:`deltatune.vision`; the fields
+``pretrained``, ``weights``, ``head`` and ``model_kwargs`` apply to them only.
 """
 
 from __future__ import annotations
@@ -31,12 +33,24 @@ class ModelConfig(BaseConfig):
         task: ``"sequence-classification"`` (a new head sized to the labels). Default that.
         trust_remote_code: allow a hub model's own Python code. Default ``false``.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` weights. Default ``"float32"``.
+        pretrained: CNNs only: ``false`` builds the network with random weights (the
+            from-scratch baseline; a user CNN's ``weights`` are then not read). Default ``true``.
+        weights: CNNs only: a state-dict file (``.pt``/``.pth``/``.bin``, read with
+            ``torch.load(weights_only=True)``, or ``.safetensors``) for a CNN named by a class
+            path. Default ``None``.
+        head: CNNs only: the name of the network's output ``nn.Linear`` to replace by the new
+            head; ``None`` finds it (or uses the network as a feature extractor). Default ``None``.
+        model_kwargs: CNNs only: keyword arguments for the CNN's class. Default ``{}``.
     """
 
     name_or_path: str = EMBEDDED_ENCODER
     task: Literal["sequence-classification"] = "sequence-classification"
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    pretrained: bool = True
+    weights: str | None = None
+    head: str | None = None
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def resolve_model_path(name_or_path: str) -> tuple[str, bool]:

@@ -4,9 +4,15 @@
 
     model:   {name_or_path: embedded-minilm, ...}       # ModelConfig
     data:    {source: bbc_news, max_length: 128, ...}    # DataConfig
+    image:   {size: 32, augment: [], ...}                # ImageConfig (image data only)
     method:  {name: lora, r: 8, ...}                      # any registered method's config
     train:   {epochs: 3, learning_rate: null, ...}        # TrainerConfig (null lr = method default)
     output_dir: runs/default
+
+Image data (``data.source: fashion_mnist | digits | <folder per class>``) goes with a CNN
+(``model.name_or_path: embedded-vgg16bn``, a class path, ``torchvision:<name>``): the same
+methods, trainer and output files, with batches ``{"pixel_values", "labels"}`` (see
+:mod:`deltatune.vision`).
 
 The run folder receives ``adapter_config.json`` + ``adapter_model.safetensors`` (the trained
 adapter, PEFT format), ``metrics.json``, ``log.jsonl`` (one line per step), ``config.yaml``
@@ -26,6 +32,7 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
+from torch.utils.data import Dataset
 
 from deltatune.checkpoint import load_adapter, save_adapter
 from deltatune.config import BaseConfig, apply_overrides
@@ -36,8 +43,22 @@ from deltatune.model import inject, trainable_report
 from deltatune.models import ModelConfig, load_classifier, load_tokenizer
 from deltatune.registry import MethodConfig, config_from_dict, get_method
 from deltatune.train import ClassificationTask, TrainerConfig, fit, resolve_device
+from deltatune.vision.cnn import build_image_classifier, is_image_model
+from deltatune.vision.images import (
+    IMAGE_SOURCES,
+    ImageConfig,
+    ImageDataset,
+    image_datasets,
+    is_image_source,
+    load_image_splits,
+    preprocess,
+    read_image_file,
+)
+from deltatune.vision.vgg import EMBEDDED_VGG
 
 RUN_CONFIG_NAME = "config.yaml"
+#: Every Conv2d of the embedded VGG16-BN (a LoRA/IA3 ``target_modules`` regex).
+CNN_CONV_TARGETS = r"backbone\.blocks\.\d+\.(conv\d|fc\d)"
 LABELS_NAME = "labels.json"
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "training.png"
@@ -70,12 +91,14 @@ class RunConfig(BaseConfig):
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=default_data)
+    image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
     method: dict[str, Any] = dataclasses.field(default_factory=default_method)
     train: TrainerConfig = dataclasses.field(default_factory=default_train)
     output_dir: str = "runs/default"
 
     def validate(self) -> None:
         self.method_config()  # unknown method names and keys fail here, at load time
+        _check_model_fits_data(self)
 
     def method_config(self) -> MethodConfig:
         return config_from_dict(self.method, where="method")
@@ -107,6 +130,48 @@ def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:
     return RunConfig.from_dict(data, where=Path(path).name if path else "config")
 
 
+def is_image_run(cfg: RunConfig) -> bool:
+    """Whether the run fine-tunes a CNN on images (decided by the model, see :func:`_check_model_fits_data`)."""
+    return is_image_model(cfg.model.name_or_path)
+
+
+def _check_model_fits_data(cfg: RunConfig) -> None:
+    """A text model with image data (or the reverse) is a config error naming the fix."""
+    model, source = cfg.model, cfg.data.source
+    cnn = is_image_model(model.name_or_path)
+    if not cnn:
+        if is_image_source(source):
+            raise ConfigError(
+                f"data.source: '{source}' is image data but model.name_or_path "
+                f"'{model.name_or_path}' is a text model; use model.name_or_path={EMBEDDED_VGG} "
+                "(see configs/cnn-*.yaml) or your own CNN ('package.module:ClassName')"
+            )
+        cnn_only = {
+            "pretrained": not model.pretrained,
+            "weights": model.weights is not None,
+            "head": model.head is not None,
+            "model_kwargs": bool(model.model_kwargs),
+        }
+        used = [k for k, v in cnn_only.items() if v]
+        if used:
+            raise ConfigError(
+                f"model.{used[0]}: applies to CNNs (image data) only; remove it for the text "
+                f"model '{model.name_or_path}'"
+            )
+        return
+    if source not in IMAGE_SOURCES and Path(source).expanduser().is_file():
+        raise ConfigError(
+            f"data.source: '{source}' is a text file but model.name_or_path "
+            f"'{model.name_or_path}' is a CNN; use {', '.join(IMAGE_SOURCES)} or a folder with "
+            "one sub-folder of images per class"
+        )
+    if model.dtype != "float32":
+        raise ConfigError(
+            f"model.dtype: '{model.dtype}' is for text models; CNNs keep float32 weights "
+            "(use train.precision=bf16 for mixed precision)"
+        )
+
+
 def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in new.items():
@@ -129,9 +194,24 @@ class RunResult:
     metrics: dict[str, Any]
 
 
+def load_base_model(cfg: RunConfig, label_names: list[str]) -> nn.Module:
+    """The base classifier with a new head sized to ``label_names`` (a CNN for image runs)."""
+    if is_image_run(cfg):
+        return build_image_classifier(
+            cfg.model.name_or_path,
+            len(label_names),
+            image_size=cfg.image.size,
+            pretrained=cfg.model.pretrained,
+            weights=cfg.model.weights,
+            head=cfg.model.head,
+            model_kwargs=cfg.model.model_kwargs,
+        )
+    return load_classifier(cfg.model, label_names)
+
+
 def build_model(cfg: RunConfig, label_names: list[str]) -> nn.Module:
     """The base classifier with the configured method injected."""
-    model = load_classifier(cfg.model, label_names)
+    model = load_base_model(cfg, label_names)
     method_cfg = cfg.method_config()
     if cfg.model.task == "sequence-classification" and method_cfg.task_type is None:
         method_cfg = (
@@ -141,7 +221,15 @@ def build_model(cfg: RunConfig, label_names: list[str]) -> nn.Module:
         )
     if method_cfg.base_model_name_or_path is None:
         method_cfg = method_cfg.replace(base_model_name_or_path=cfg.model.name_or_path)
-    inject(model, method_cfg)
+    try:
+        inject(model, method_cfg)
+    except ConfigError as exc:
+        if is_image_run(cfg) and "matches no module" in str(exc):
+            raise ConfigError(
+                f"{exc}. A CNN's layers are convolutions: e.g. method.target_modules="
+                f"'{CNN_CONV_TARGETS}' (the embedded VGG16-BN's, see configs/cnn-lora.yaml)"
+            ) from None
+        raise
     return model
 
 
@@ -154,8 +242,13 @@ def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> Run
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     seed_everything(cfg.train.seed)
-    splits = load_text_splits(cfg.data)
-    tokenizer = load_tokenizer(cfg.model)
+    image_run = is_image_run(cfg)
+    splits: Any
+    if image_run:
+        splits = load_image_splits(cfg.data, cfg.image)
+    else:
+        splits = load_text_splits(cfg.data)
+        tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg, splits.label_names)
     device = resolve_device(cfg.train.device)
     model.to(device)
@@ -165,10 +258,18 @@ def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> Run
         f"method {spec.name}: {report.trainable:,} trainable of {report.total:,} parameters ({report.percent:.3f}%)"
     )
 
-    collate = PadCollator(tokenizer)
-    train_ds = TokenizedDataset(splits.train, tokenizer, cfg.data.max_length)
-    val_ds = TokenizedDataset(splits.val, tokenizer, cfg.data.max_length)
-    test_ds = TokenizedDataset(splits.test, tokenizer, cfg.data.max_length)
+    collate: PadCollator | None
+    train_ds: Dataset[Any]
+    val_ds: Dataset[Any]
+    test_ds: Dataset[Any]
+    if image_run:
+        collate = None  # image items stack with the default collate
+        train_ds, val_ds, test_ds = image_datasets(splits, cfg.image)
+    else:
+        collate = PadCollator(tokenizer)
+        train_ds = TokenizedDataset(splits.train, tokenizer, cfg.data.max_length)
+        val_ds = TokenizedDataset(splits.val, tokenizer, cfg.data.max_length)
+        test_ds = TokenizedDataset(splits.test, tokenizer, cfg.data.max_length)
     task = ClassificationTask(num_labels=len(splits.label_names))
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / RUN_CONFIG_NAME, cfg.to_yaml())
@@ -177,8 +278,10 @@ def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> Run
     history: list[dict[str, Any]] = []
     fit_info: dict[str, Any] = {}
     if spec.fit is not None:
+        # Closed-form fits see each training example once, as it is (no augmentation).
+        fit_ds = ImageDataset(splits.train, cfg.image, train=False) if image_run else train_ds
         loader = make_loader(
-            train_ds, cfg.train.eval_batch_size, shuffle=False, seed=cfg.train.seed, collate=collate
+            fit_ds, cfg.train.eval_batch_size, shuffle=False, seed=cfg.train.seed, collate=collate
         )
         batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
         fit_info = spec.fit(model, model_method_config(model), batches)
@@ -197,7 +300,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> Run
             "stopped_early": result.stopped_early,
         }
 
-    def evaluate(ds: TokenizedDataset) -> dict[str, float]:
+    def evaluate(ds: Dataset[Any]) -> dict[str, float]:
         loader = make_loader(ds, cfg.train.eval_batch_size, shuffle=False, seed=0, collate=collate)
         return task.evaluate(model, loader)
 
@@ -238,7 +341,12 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, Any, list[str]]:
-    """Rebuild a trained run's model (base + saved adapter), tokenizer and label names."""
+    """Rebuild a trained run's model (base + saved adapter), tokenizer and label names.
+
+    The tokenizer is ``None`` for an image run. A CNN's base is rebuilt after seeding with
+    ``train.seed``, as in training, so a random-init base (``model.pretrained: false``) is the
+    same network the adapter was trained on.
+    """
     folder = Path(run_dir)
     cfg_path = folder / RUN_CONFIG_NAME
     if not cfg_path.is_file():
@@ -250,10 +358,13 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, Any, list[str]]
     if not labels_path.is_file():
         raise DeltatuneError(f"'{folder}' has no {LABELS_NAME}; the run did not finish")
     label_names = json.loads(labels_path.read_text())
-    model = load_classifier(cfg.model, label_names)
+    if is_image_run(cfg):
+        seed_everything(cfg.train.seed)
+    model = load_base_model(cfg, label_names)
     load_adapter(model, folder)
     model.to(resolve_device(cfg.train.device)).eval()
-    return cfg, model, load_tokenizer(cfg.model), label_names
+    tokenizer = None if is_image_run(cfg) else load_tokenizer(cfg.model)
+    return cfg, model, tokenizer, label_names
 
 
 def evaluate_run(
@@ -263,16 +374,24 @@ def evaluate_run(
     if overrides:
         data = apply_overrides({"data": cfg.data.to_dict()}, overrides)
         cfg = dataclasses.replace(cfg, data=DataConfig.from_dict(data["data"], where="data"))
-    splits = load_text_splits(cfg.data)
+    image_run = is_image_run(cfg)
+    splits: Any = (
+        load_image_splits(cfg.data, cfg.image) if image_run else load_text_splits(cfg.data)
+    )
     if splits.label_names != label_names:
         raise DeltatuneError(
             f"the data's labels {splits.label_names} differ from the run's {label_names}"
         )
-    examples = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
-    ds = TokenizedDataset(examples, tokenizer, cfg.data.max_length)
-    loader = make_loader(
-        ds, cfg.train.eval_batch_size, shuffle=False, seed=0, collate=PadCollator(tokenizer)
-    )
+    ds: Dataset[Any]
+    if image_run:
+        examples = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
+        ds = ImageDataset(examples, cfg.image, train=False)  # evaluation never augments
+        collate = None
+    else:
+        examples = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
+        ds = TokenizedDataset(examples, tokenizer, cfg.data.max_length)
+        collate = PadCollator(tokenizer)
+    loader = make_loader(ds, cfg.train.eval_batch_size, shuffle=False, seed=0, collate=collate)
     return ClassificationTask(num_labels=len(label_names)).evaluate(model, loader)
 
 
@@ -282,6 +401,10 @@ def predict_texts(
 ) -> list[dict[str, Any]]:
     """Label each text with the run's adapter: ``[{text, label, score}]``."""
     cfg, model, tokenizer, label_names = load_run(run_dir)
+    if tokenizer is None:
+        raise DeltatuneError(
+            f"run '{run_dir}' classifies images; give image files (deltatune predict RUN --image FILE)"
+        )
     device = next(model.parameters()).device
     out: list[dict[str, Any]] = []
     for i in range(0, len(texts), batch_size):
@@ -301,9 +424,54 @@ def predict_texts(
     return out
 
 
+@torch.no_grad()
+def predict_images(
+    run_dir: str | Path, paths: list[str | Path], batch_size: int = 32
+) -> list[dict[str, Any]]:
+    """Label each image file with an image run's model: ``[{image, label, score}]``."""
+    cfg, model, tokenizer, label_names = load_run(run_dir)
+    if tokenizer is not None:
+        raise DeltatuneError(
+            f"run '{run_dir}' classifies texts; give texts (deltatune predict RUN --text ...)"
+        )
+    device = next(model.parameters()).device
+    out: list[dict[str, Any]] = []
+    for i in range(0, len(paths), batch_size):
+        chunk = paths[i : i + batch_size]
+        pixels = preprocess(
+            torch.stack([read_image_file(p, cfg.image.size) for p in chunk]), cfg.image
+        )
+        probs = model(pixel_values=pixels.to(device)).float().softmax(-1)
+        for path, p in zip(chunk, probs):
+            k = int(p.argmax())
+            out.append({"image": str(path), "label": label_names[k], "score": float(p[k])})
+    return out
+
+
+MERGED_WEIGHTS = "model.safetensors"
+
+
 def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the run's model with the adapter merged, loadable with transformers alone."""
+    """Write the run's model with the adapter merged.
+
+    Text runs: a transformers model folder (loads with transformers alone). Image runs:
+    ``model.safetensors`` (the plain :class:`~deltatune.vision.ImageClassifier` state dict)
+    with the run's ``config.yaml`` and ``labels.json``.
+    """
     from deltatune.checkpoint import export_merged
 
-    _, model, tokenizer, _ = load_run(run_dir)
-    return export_merged(model, out_dir, tokenizer=tokenizer)
+    cfg, model, tokenizer, label_names = load_run(run_dir)
+    if tokenizer is not None:
+        return export_merged(model, out_dir, tokenizer=tokenizer)
+    import copy
+
+    from deltatune.io import save_safetensors
+    from deltatune.model import unload
+
+    merged = unload(copy.deepcopy(model), merge=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_safetensors(out / MERGED_WEIGHTS, dict(merged.state_dict()), metadata={"format": "pt"})
+    write_text(out / RUN_CONFIG_NAME, cfg.to_yaml())
+    write_json(out / LABELS_NAME, label_names)
+    return out

@@ -3,7 +3,10 @@
 Weight decay pulls weights towards zero; applied to biases, norm gains and other 1-D
 parameters it only hurts, so they get none. Layer-wise learning-rate decay gives lower layers
 (general features) smaller steps than upper layers and the task head (task-specific), which
-limits forgetting when fine-tuning a pretrained encoder.
+limits forgetting when fine-tuning a pretrained encoder. A head learning-rate multiplier gives
+the new task head (a parameter under a top-level ``classifier``/``score``/``fc``/``head``/...
+module) a larger rate than the pretrained layers: the classic recipe trains the new head at
+about 10x the rate of the pretrained layers.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError, DeltatuneError
+from deltatune.targeting import HEAD_NAMES
 
 #: Module types whose parameters are normalisation gains/biases (never weight-decayed).
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -74,8 +78,17 @@ def lr_scale(name: str, num_layers: int, decay: float | None) -> float:
     return 1.0
 
 
-def _group_place(name: str, decay: float | None) -> str:
-    """Which learning-rate tier a parameter is in: ``layer_<i>``, ``embeddings`` or ``head``."""
+def is_head(name: str) -> bool:
+    """Whether a parameter belongs to the task head: its top-level module is a head name
+    (``classifier.weight``, ``score.weight``, ``classifier.modules_to_save.default.bias``)."""
+    return name.split(".", 1)[0] in HEAD_NAMES
+
+
+def _group_place(name: str, decay: float | None, head_multiplier: float = 1.0) -> str:
+    """Which learning-rate tier a parameter is in: ``layer_<i>``, ``embeddings``, ``head``, or
+    ``task_head`` (only when the head has its own multiplier)."""
+    if head_multiplier != 1.0 and is_head(name):
+        return "task_head"
     if decay is None:
         return "default"
     index = layer_index(name)
@@ -89,13 +102,16 @@ def param_groups(
     lr: float,
     weight_decay: float,
     layerwise_lr_decay: float | None = None,
+    head_lr_multiplier: float = 1.0,
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups over the model's trainable (``requires_grad``) parameters.
 
     Groups are keyed by (tier, decayed or not), in the order parameters first appear, so the
     same model always gives the same groups (which a resumed optimizer relies on). The tier is
     ``default`` without layer-wise decay, else ``layer_<i>``, ``embeddings`` or ``head``; each
-    group carries a ``group_name`` such as ``"layer_3/decay"`` for logs.
+    group carries a ``group_name`` such as ``"layer_3/decay"`` for logs. With
+    ``head_lr_multiplier`` other than 1, the task head's parameters (see :func:`is_head`) form
+    the ``task_head`` tier at ``lr * head_lr_multiplier``.
     """
     if lr <= 0:
         raise ConfigError(f"train.learning_rate: value {lr!r} must be > 0")
@@ -104,6 +120,10 @@ def param_groups(
     if layerwise_lr_decay is not None and not 0.0 < layerwise_lr_decay <= 1.0:
         raise ConfigError(
             f"train.layerwise_lr_decay: value {layerwise_lr_decay!r} must be in (0, 1] or null"
+        )
+    if not head_lr_multiplier > 0:
+        raise ConfigError(
+            f"train.head_lr_multiplier: value {head_lr_multiplier!r} must be > 0 (e.g. 10)"
         )
     named = list(model.named_parameters())
     indices = [i for i in (layer_index(n) for n, _ in named) if i is not None]
@@ -114,11 +134,16 @@ def param_groups(
         if not param.requires_grad:
             continue
         decayed = name not in no_decay
-        key = (_group_place(name, layerwise_lr_decay), decayed)
+        key = (_group_place(name, layerwise_lr_decay, head_lr_multiplier), decayed)
         if key not in groups:
+            scale = (
+                head_lr_multiplier
+                if key[0] == "task_head"
+                else lr_scale(name, num_layers, layerwise_lr_decay)
+            )
             groups[key] = {
                 "params": [],
-                "lr": lr * lr_scale(name, num_layers, layerwise_lr_decay),
+                "lr": lr * scale,
                 "weight_decay": weight_decay if decayed else 0.0,
                 "group_name": f"{key[0]}/{'decay' if decayed else 'no_decay'}",
             }
@@ -136,6 +161,9 @@ def build_optimizer(
     lr: float,
     weight_decay: float,
     layerwise_lr_decay: float | None = None,
+    head_lr_multiplier: float = 1.0,
 ) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` (fused/foreach left to torch's defaults)."""
-    return torch.optim.AdamW(param_groups(model, lr, weight_decay, layerwise_lr_decay), lr=lr)
+    return torch.optim.AdamW(
+        param_groups(model, lr, weight_decay, layerwise_lr_decay, head_lr_multiplier), lr=lr
+    )

@@ -5,7 +5,8 @@ turns a batch into a loss and a loader into metrics). It handles gradient accumu
 clipping, mixed precision, a warmup schedule, periodic evaluation, early stopping that restores
 the best weights, a JSON-lines log, and atomic checkpoints from which a crashed run resumes to
 bit-identical weights: the data order is a function of (seed, epoch), and the checkpoint holds
-the optimizer, scheduler, RNG and early-stopping state next to the trainable weights.
+the optimizer, scheduler, RNG and early-stopping state next to the trainable weights (and the
+model's buffers, such as BatchNorm running statistics, which training also changes).
 
 Checkpoints are safetensors + JSON only (nothing is pickled, so loading one runs no code).
 """
@@ -96,6 +97,9 @@ class TrainerConfig(BaseConfig):
         layerwise_lr_decay: e.g. ``0.9``: block ``i`` of ``L`` trains at
             ``lr * decay ** (L - i)``, embeddings at ``lr * decay ** (L + 1)``, the head at
             ``lr``; ``None`` uses one rate. Default ``None``.
+        head_lr_multiplier: the task head (a top-level ``classifier``/``score``/``fc``/``head``
+            module) trains at ``learning_rate * head_lr_multiplier``; e.g. ``10`` for a new head
+            on a pretrained network whose layers train at ``learning_rate``. Default ``1.0``.
         seed: seeds torch, numpy and ``random``, and fixes the data order. Default ``0``.
         max_steps: stop after this many optimizer steps (the schedule is fitted to it);
             ``None`` runs all epochs. Default ``None``.
@@ -121,6 +125,7 @@ class TrainerConfig(BaseConfig):
     greater_is_better: bool = True
     checkpoint_every_steps: int | None = None
     layerwise_lr_decay: float | None = None
+    head_lr_multiplier: float = 1.0
     seed: int = 0
     max_steps: int | None = None
     progress: bool = True
@@ -160,6 +165,11 @@ class TrainerConfig(BaseConfig):
         if decay is not None and not 0.0 < decay <= 1.0:
             raise ConfigError(
                 f"train.layerwise_lr_decay: value {decay!r} must be in (0, 1] or null"
+            )
+        if not (math.isfinite(self.head_lr_multiplier) and self.head_lr_multiplier > 0):
+            raise ConfigError(
+                f"train.head_lr_multiplier: value {self.head_lr_multiplier!r} must be > 0 "
+                "(1 = the same rate as the rest; e.g. 10)"
             )
         if self.scheduler not in ("cosine", "linear", "constant"):
             raise ConfigError(
@@ -508,6 +518,7 @@ def _write_checkpoint(
     best_weights: Mapping[str, torch.Tensor],
     cfg: TrainerConfig,
     num_train_examples: int,
+    buffers: Sequence[tuple[str, torch.Tensor]] = (),
 ) -> None:
     """Write a checkpoint atomically: tensor files first, ``trainer_state.json`` last.
 
@@ -524,6 +535,7 @@ def _write_checkpoint(
     rng_tensors, rng_meta = _rng_state()
     tensors = {**opt_tensors, **rng_tensors}
     tensors.update({f"best.{n}": t for n, t in best_weights.items()})
+    tensors.update({f"buffer.{n}": t for n, t in buffers})
     save_safetensors(ckpt_dir / trainer_file, tensors, metadata=meta)
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -535,6 +547,7 @@ def _write_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_meta,
         "best_weights": sorted(best_weights),
+        "buffers": [n for n, _ in buffers],
         "config": cfg.to_dict(),
         "num_train_examples": num_train_examples,
     }
@@ -592,6 +605,7 @@ def _load_checkpoint(
     scaler: torch.amp.GradScaler | None,
     cfg: TrainerConfig,
     num_train_examples: int,
+    buffers: Sequence[tuple[str, torch.Tensor]] = (),
 ) -> tuple[_Progress, dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]]:
     """Load a checkpoint into the model, optimizer, scheduler and scaler.
 
@@ -647,6 +661,11 @@ def _load_checkpoint(
     )
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    saved_buffers = set(state.get("buffers", []))  # absent in checkpoints of older versions
+    with torch.no_grad():
+        for name, buffer in buffers:
+            if name in saved_buffers:
+                buffer.copy_(tensors[f"buffer.{name}"])
     best = {n: tensors[f"best.{n}"] for n in state["best_weights"]}
     return _Progress(**state["progress"]), best, state["rng"], tensors
 
@@ -782,7 +801,12 @@ def fit(
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.layerwise_lr_decay)
+    # Persistent buffers (BatchNorm running statistics) change in training too: checkpointed.
+    param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = [(n, t) for n, t in model.state_dict(keep_vars=True).items() if n not in param_names]
+    optimizer = build_optimizer(
+        model, cfg.learning_rate, cfg.weight_decay, cfg.layerwise_lr_decay, cfg.head_lr_multiplier
+    )
     warmup = warmup_steps_for(total_steps, cfg.warmup_ratio)
     scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps, warmup)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -794,7 +818,7 @@ def fit(
     if resume:
         assert ckpt_dir is not None and log_path is not None
         progress, best_weights, rng_meta, rng_tensors = _load_checkpoint(
-            ckpt_dir, trainable, optimizer, scheduler, scaler, cfg, n_train
+            ckpt_dir, trainable, optimizer, scheduler, scaler, cfg, n_train, buffers
         )
         # The log may hold rows written after the checkpoint; the checkpoint's history wins.
         write_text(log_path, "".join(json.dumps(row) + "\n" for row in progress.history))
@@ -924,6 +948,7 @@ def fit(
                         best_weights,
                         cfg,
                         n_train,
+                        buffers,
                     )
                 postfix = {"loss": f"{row['loss']:.4f}", "lr": f"{lr:.2e}"}
                 if progress.best_metric is not None:
