@@ -132,7 +132,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     for path, layer in adapter_layers(model):
         if adapter_name in layer.adapter_names:
             for local, tensor in layer.adapter_tensors(adapter_name).items():
-                out[f"{PREFIX}{path}.{local}"] = tensor
+                key = local if layer.absolute_keys else f"{PREFIX}{path}.{local}"
+                if key in out:
+                    raise CheckpointError(f"adapter '{adapter_name}': two layers save '{key}'")
+                out[key] = tensor
     return out
 
 

@@ -41,6 +41,9 @@ class AdapterLayer(nn.Module):
 
     #: Names of the ModuleDict/ParameterDict attributes that hold per-adapter tensors.
     adapter_attributes: tuple[str, ...] = ()
+    #: When true, :meth:`adapter_tensors` returns complete saved keys (PEFT's prompt-learning
+    #: formats store e.g. ``prompt_embeddings`` at the top level, not under the module path).
+    absolute_keys: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
