@@ -486,6 +486,42 @@ def test_early_stopping_restores_the_best_weights() -> None:
         assert_all_equal(final, reference)
 
 
+class BatchNormMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(8, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(self.hidden(x))))
+
+
+def test_early_stopping_restores_batchnorm_statistics_with_the_weights() -> None:
+    # The best weights were evaluated with the running statistics of their own step; restoring
+    # the weights with later statistics would give a model nobody evaluated.
+    train, val = VectorDataset(48, 0), VectorDataset(12, 1)
+    cfg = quick(epochs=5, scheduler="constant", warmup_ratio=0.0, eval_every_steps=2)
+    torch.manual_seed(0)
+    stopped = BatchNormMLP()
+    result = fit(
+        stopped,
+        ClassificationTask(3),
+        train,
+        val,
+        cfg.replace(early_stopping_patience=2, early_stopping_min_delta=10.0),
+    )
+    assert result.stopped_early and (result.steps, result.best_step) == (6, 2)
+    torch.manual_seed(0)
+    reference = BatchNormMLP()
+    fit(reference, ClassificationTask(3), train, val, cfg.replace(max_steps=2))
+    for (name, a), (_, b) in zip(
+        stopped.state_dict().items(), reference.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert int(stopped.norm.num_batches_tracked) == 2
+
+
 def test_bf16_autocast_on_cpu() -> None:
     result = fit(
         make_mlp(),

@@ -915,8 +915,10 @@ def fit(
                         progress.evals_since_best = 0
                         if cfg.early_stopping_patience is not None:
                             # On CPU: the copy must not cost accelerator memory.
+                            # Buffers too: BatchNorm statistics must match the best weights.
                             best_weights = {
-                                n: p.detach().to("cpu", copy=True) for n, p in trainable
+                                n: p.detach().to("cpu", copy=True)
+                                for n, p in [*trainable, *buffers]
                             }
                     else:
                         progress.evals_since_best += 1
@@ -968,8 +970,9 @@ def fit(
     restored = False
     if cfg.early_stopping_patience is not None and best_weights:
         with torch.no_grad():
-            for name, param in trainable:
-                param.copy_(best_weights[name])
+            for name, tensor in [*trainable, *buffers]:
+                if name in best_weights:  # checkpoints of older versions hold parameters only
+                    tensor.copy_(best_weights[name])
         restored = True
     return TrainResult(
         steps=progress.step,
