@@ -53,14 +53,13 @@ stdout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +68,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.io import write_json
+from deltatune.memory import count_saved, storage_key, unique_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DROP_KS = (0, 2, 4, 6)
@@ -122,30 +122,6 @@ def interleaved(
             times[i].cpu.append((time.process_time() - c0) / steps)
         print(f"  round {rep + 1}/{repeats}", file=sys.stderr, flush=True)
     return times
-
-
-def _storage_key(t: torch.Tensor) -> tuple[int, str]:
-    return (t.untyped_storage().data_ptr(), str(t.device))
-
-
-@contextlib.contextmanager
-def count_saved(exclude: set[tuple[int, str]]) -> Iterator[dict[tuple[int, str], int]]:
-    """Unique storages saved for backward while the block runs (key -> bytes)."""
-    seen: dict[tuple[int, str], int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.layout == torch.strided and not t.is_meta:
-            key = _storage_key(t)
-            if key not in exclude and key[0] != 0:
-                seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield seen
-
-
-def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
-    return sum({_storage_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +207,7 @@ def measure_memory(v: Variant, batch: dict[str, torch.Tensor]) -> None:
     if v.optimizer is not None:
         for s in v.optimizer.state.values():
             state += [t for t in s.values() if isinstance(t, torch.Tensor) and t.numel() > 1]
-    exclude = {_storage_key(t) for t in [*params, *v.model.buffers()]}
+    exclude = {storage_key(t) for t in [*params, *v.model.buffers()]}
     with count_saved(exclude) as seen:
         loss = v.model(**batch).loss
     saved = sum(seen.values())
@@ -240,9 +216,9 @@ def measure_memory(v: Variant, batch: dict[str, torch.Tensor]) -> None:
         v.optimizer.step()
         v.optimizer.zero_grad(set_to_none=True)
     mem = {
-        "weights": _nbytes(params),
+        "weights": unique_bytes(params),
         "grads": sum(p.numel() * p.element_size() for p in trainable),
-        "optimizer": _nbytes(state) if state else 0,
+        "optimizer": unique_bytes(state) if state else 0,
         "saved": saved,
     }
     mem["peak"] = mem["weights"] + mem["grads"] + mem["optimizer"] + mem["saved"]

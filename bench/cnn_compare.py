@@ -48,12 +48,10 @@ stdout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import platform
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +62,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.data import DataConfig, make_loader
 from deltatune.io import write_json
+from deltatune.memory import count_saved, storage_key, unique_bytes
 from deltatune.registry import get_method
 from deltatune.train import ClassificationTask, TrainerConfig, fit, seed_everything
 from deltatune.vision import (
@@ -138,43 +137,19 @@ DATASETS = {
 # --------------------------------------------------------------------------------------------
 # memory (CPU): params + grads + AdamW state + activations saved for backward
 # --------------------------------------------------------------------------------------------
-def _storage_key(t: torch.Tensor) -> tuple[int, str]:
-    return (t.untyped_storage().data_ptr(), str(t.device))
-
-
-@contextlib.contextmanager
-def count_saved(exclude: set[tuple[int, str]]) -> Iterator[dict[tuple[int, str], int]]:
-    """Unique storages (key -> bytes) saved for backward while the block runs."""
-    seen: dict[tuple[int, str], int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.layout == torch.strided and not t.is_meta:
-            key = _storage_key(t)
-            if key not in exclude and key[0] != 0:
-                seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield seen
-
-
-def _unique_bytes(tensors: list[torch.Tensor]) -> int:
-    return sum({_storage_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
-
-
 def peak_memory(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, int]:
     """Bytes of one training step: weights, grads, AdamW state, saved activations."""
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     grads = sum(p.numel() * p.element_size() for p in trainable)
     out = {
-        "weights": _unique_bytes(params),
+        "weights": unique_bytes(params),
         "grads": grads,
         "optimizer": 2 * grads,  # AdamW exp_avg + exp_avg_sq
         "activations": 0,
     }
     if trainable:
-        exclude = {_storage_key(t) for t in [*params, *model.buffers()]}
+        exclude = {storage_key(t) for t in [*params, *model.buffers()]}
         model.train()
         with count_saved(exclude) as seen:
             logits = model(pixel_values=batch["pixel_values"])

@@ -45,7 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
+from deltatune.memory import count_saved, storage_key, unique_bytes
 from deltatune.targeting import select_modules
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -222,34 +223,6 @@ def _sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------
 # memory
 # --------------------------------------------------------------------------------------------
-def _storage_key(t: torch.Tensor) -> tuple[int, str]:
-    s = t.untyped_storage()
-    return (s.data_ptr(), str(t.device))
-
-
-@contextlib.contextmanager
-def count_saved(exclude: set[tuple[int, str]]) -> Iterator[dict[tuple[int, str], int]]:
-    """Record the unique storages saved for backward (key -> bytes) while the block runs."""
-    seen: dict[tuple[int, str], int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.layout == torch.strided and not t.is_meta:
-            key = _storage_key(t)
-            if key not in exclude and key[0] != 0:
-                seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield seen
-
-
-def _nbytes(tensors: list[torch.Tensor]) -> int:
-    seen: dict[tuple[int, str], int] = {}
-    for t in tensors:
-        seen[_storage_key(t)] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
 def static_bytes(v: Variant) -> dict[str, int]:
     params = list(v.model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -260,10 +233,10 @@ def static_bytes(v: Variant) -> dict[str, int]:
                 t for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 1
             ]
     return {
-        "weights": _nbytes(params),
-        "adapter_weights": _nbytes(trainable) if trainable else 0,
+        "weights": unique_bytes(params),
+        "adapter_weights": unique_bytes(trainable) if trainable else 0,
         "grads": sum(p.numel() * p.element_size() for p in trainable),
-        "optimizer": _nbytes(opt_state) if opt_state else 0,
+        "optimizer": unique_bytes(opt_state) if opt_state else 0,
     }
 
 
@@ -272,8 +245,8 @@ def measure_memory(
 ) -> None:
     """One instrumented step (after a warm-up step, so that the optimizer state exists)."""
     static = static_bytes(v)
-    exclude = {_storage_key(p) for p in v.model.parameters()}
-    exclude |= {_storage_key(b) for b in v.model.buffers()}
+    exclude = {storage_key(p) for p in v.model.parameters()}
+    exclude |= {storage_key(b) for b in v.model.buffers()}
     if device.type == "cuda":
         gc.collect()
         torch.cuda.synchronize()
