@@ -138,6 +138,22 @@ INPUTS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
 }
 
 
+def make_quantized(kind: str, scheme: str) -> nn.Module:
+    """A tiny model whose linear layers (not the head) are frozen NF4 / int8, computing in fp32
+    so that reruns and merges compare exactly."""
+    from deltatune.quant import quantize_model
+
+    model = MODELS[kind]()
+    quantize_model(model, scheme, compute_dtype="float32")  # type: ignore[arg-type]
+    return model
+
+
+# Quantised bases for the qlora cases (the base a QLoRA adapter is trained, disabled, unloaded on).
+for _kind, _scheme in (("llama", "nf4"), ("bert", "int8"), ("gpt2", "nf4")):
+    MODELS[f"{_kind}-{_scheme}"] = lambda k=_kind, s=_scheme: make_quantized(k, s)
+    INPUTS[f"{_kind}-{_scheme}"] = INPUTS[_kind]
+
+
 def labelled_batches(model_kind: str, n_batches: int = 3) -> list[dict[str, torch.Tensor]]:
     """Small labelled batches (for fitted methods); every class of the head appears."""
     n_classes = 3 if model_kind == "bert" else 4
@@ -472,6 +488,225 @@ CASES_BY_METHOD: dict[str, list[Case]] = {
             6272,
             prerequisites=(("t1", {"name": "pfeiffer", "bottleneck_size": 4}),),
             starts_like=("t1",),
+        ),
+    ],
+    # AdaLoRA, init_r 4: a module (in -> out) has A 4*in + E 4 + B out*4 parameters
+    #   (32->32: 260; 32->16: 196; 32->96: 516; 32->64 and 64->32: 388; conv k3: A 4*in*9).
+    "adalora": [
+        # 2 layers * (query + value) * 260
+        Case(
+            "bert-adalora-qv",
+            "bert",
+            "adalora",
+            {"init_r": 4, "target_r": 2, "target_modules": ["query", "value"], **NO_INIT},
+            1040,
+        ),
+        # per layer q,k,v,o 4*260 + intermediate 388 + output 388 = 1816; *2 = 3632;
+        #   + pooler.dense 260 + classifier copy 99 = 3991
+        Case(
+            "bert-adalora-all-linear-seqcls",
+            "bert",
+            "adalora",
+            {
+                "init_r": 4,
+                "target_r": 2,
+                "target_modules": "all-linear",
+                "task_type": "SEQ_CLS",
+                "lora_dropout": 0.1,
+                **NO_INIT,
+            },
+            3991,
+        ),
+        # per layer q 260 + v 196 = 456; *2 = 912
+        Case(
+            "llama-adalora-qv",
+            "llama",
+            "adalora",
+            {"init_r": 4, "target_r": 2, "target_modules": ["q_proj", "v_proj"], **NO_INIT},
+            912,
+        ),
+        # GPT-2 Conv1D c_attn 516 * 2 = 1032
+        Case(
+            "gpt2-adalora-c_attn",
+            "gpt2",
+            "adalora",
+            {"init_r": 4, "target_r": 2, "target_modules": ["c_attn"], **NO_INIT},
+            1032,
+        ),
+        # conv1: A 4*3*9 = 108, E 4, B 8*4 = 32; conv2: A 4*8*9 = 288, E 4, B 16*4 = 64; 500
+        Case(
+            "cnn-adalora-conv2d",
+            "cnn",
+            "adalora",
+            {
+                "init_r": 4,
+                "target_r": 2,
+                "lora_alpha": 0.5,
+                "target_modules": r"conv\d",
+                **NO_INIT,
+            },
+            500,
+        ),
+    ],
+    # Virtual tokens on hidden size 32 (n tokens: a 32*n table). They change the output from
+    # the start, so starts_like=None.
+    "prompt_tuning": [
+        # 4 * 32 = 128 + classifier copy 99 = 227
+        Case(
+            "bert-prompt-seqcls",
+            "bert",
+            "prompt_tuning",
+            {"num_virtual_tokens": 4, "task_type": "SEQ_CLS"},
+            227,
+            starts_like=None,
+        ),
+        # 5 * 32 = 160 (rows copied from random vocabulary embeddings)
+        Case(
+            "llama-prompt-vocab",
+            "llama",
+            "prompt_tuning",
+            {"num_virtual_tokens": 5, "prompt_tuning_init": "SAMPLE_VOCAB"},
+            160,
+            starts_like=None,
+        ),
+        Case(
+            "gpt2-prompt", "gpt2", "prompt_tuning", {"num_virtual_tokens": 4}, 128, starts_like=None
+        ),
+    ],
+    # P-Tuning, n = 4 (table 128). MLP h=16: 32*16+16 + 16*16+16 + 16*32+32 = 1344 -> 1472.
+    # LSTM h=8, 1 layer: per direction 4*8*(32+8) + 2*4*8 = 1344, *2 = 2688; MLP 16*16+16
+    #   + 16*32+32 = 816 -> 128 + 2688 + 816 = 3632.
+    "p_tuning": [
+        # 1472 + classifier copy 99 = 1571
+        Case(
+            "bert-ptuning-mlp-seqcls",
+            "bert",
+            "p_tuning",
+            {"num_virtual_tokens": 4, "encoder_hidden_size": 16, "task_type": "SEQ_CLS"},
+            1571,
+            starts_like=None,
+        ),
+        Case(
+            "llama-ptuning-lstm",
+            "llama",
+            "p_tuning",
+            {
+                "num_virtual_tokens": 4,
+                "encoder_reparameterization_type": "LSTM",
+                "encoder_hidden_size": 8,
+                "encoder_num_layers": 1,
+            },
+            3632,
+            starts_like=None,
+        ),
+        Case(
+            "gpt2-ptuning-mlp",
+            "gpt2",
+            "p_tuning",
+            {"num_virtual_tokens": 4, "encoder_hidden_size": 16},
+            1472,
+            starts_like=None,
+        ),
+    ],
+    # QLoRA on already-quantised bases (qlora keeps them; its own quantisation is in
+    # tests/test_qlora.py). Counts equal LoRA's on the same targets (all-linear by default).
+    "qlora": [
+        Case(
+            "llama-nf4-qlora",
+            "llama-nf4",
+            "qlora",
+            {"r": 4, "compute_dtype": "float32", **NO_INIT},
+            4096,
+        ),
+        Case(
+            "bert-int8-qlora-seqcls",
+            "bert-int8",
+            "qlora",
+            {
+                "r": 4,
+                "quantize": "int8",
+                "compute_dtype": "float32",
+                "task_type": "SEQ_CLS",
+                **NO_INIT,
+            },
+            3939,
+        ),
+        Case(
+            "gpt2-nf4-qlora-dora",
+            "gpt2-nf4",
+            "qlora",
+            {"r": 4, "use_dora": True, "compute_dtype": "float32", **NO_INIT},
+            4672,
+        ),
+    ],
+    # Key/value prefixes: P has num_layers * 2 * token_dim columns per virtual token; BERT and
+    #   GPT-2 token_dim 32 (2 heads x 16): 2 * 2 * 32 = 128; LLaMA (GQA, 1 key/value head of
+    #   16): 2 * 2 * 16 = 64. The matrix trains P directly (prefix_projection false: the MLP
+    #   is a training aid, folded away on saving; tests/test_prefix_tuning.py covers it).
+    "prefix_tuning": [
+        # 4 * 128 + classifier copy 99 = 611
+        Case(
+            "bert-prefix-seqcls",
+            "bert",
+            "prefix_tuning",
+            {"num_virtual_tokens": 4, "prefix_projection": False, "task_type": "SEQ_CLS"},
+            611,
+            starts_like=None,
+        ),
+        # 4 * 128
+        Case(
+            "gpt2-prefix",
+            "gpt2",
+            "prefix_tuning",
+            {"num_virtual_tokens": 4, "prefix_projection": False},
+            512,
+            starts_like=None,
+        ),
+        # 4 * 64 (zero start, moved by the matrix's perturbation)
+        Case(
+            "llama-prefix-gqa-zero",
+            "llama",
+            "prefix_tuning",
+            {"num_virtual_tokens": 4, "prefix_projection": False, "init_weights": "zero"},
+            256,
+            starts_like=None,
+        ),
+    ],
+    "p_tuning_v2": [
+        # 3 * 128 + classifier copy 99 = 483 (the tiny BERT's logits barely move without it)
+        Case(
+            "bert-ptv2-head",
+            "bert",
+            "p_tuning_v2",
+            {"num_virtual_tokens": 3, "modules_to_save": ["classifier"]},
+            483,
+            starts_like=None,
+        ),
+        # 2 * 128
+        Case("gpt2-ptv2", "gpt2", "p_tuning_v2", {"num_virtual_tokens": 2}, 256, starts_like=None),
+        # 3 * 64
+        Case(
+            "llama-ptv2", "llama", "p_tuning_v2", {"num_virtual_tokens": 3}, 192, starts_like=None
+        ),
+    ],
+    # LLaMA-Adapter: per adapted block a prompt 1 x adapter_len x 32 and a gate of 1; it starts
+    #   exactly at the base (gate 0).
+    "llama_adapter": [
+        # top block: 3 * 32 + 1 = 97
+        Case(
+            "llama-adapter-top1",
+            "llama",
+            "llama_adapter",
+            {"adapter_len": 3, "adapter_layers": 1},
+            97,
+        ),
+        # both blocks: 2 * (4 * 32 + 1) = 258
+        Case(
+            "llama-adapter-all",
+            "llama",
+            "llama_adapter",
+            {"adapter_len": 4, "adapter_layers": 2},
+            258,
         ),
     ],
 }

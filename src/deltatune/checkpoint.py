@@ -30,7 +30,7 @@ from deltatune.errors import CheckpointError, ConfigError
 from deltatune.io import save_safetensors, write_json
 from deltatune.layers import ModulesToSave
 from deltatune.model import active_adapters, adapter_layers, delete, inject, set_active, state_of
-from deltatune.registry import MethodConfig, method_for_peft_type
+from deltatune.registry import MethodConfig, method_for_peft_type, methods
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -70,6 +70,9 @@ def config_to_peft_dict(
     if "modules_to_save" in data or config.task_type == "SEQ_CLS":
         data["modules_to_save"] = modules_to_save_of(config) or None
     data["peft_type"] = config.peft_type
+    if method_for_peft_type(config.peft_type).name != config.method_name:
+        # A method saved under another's PEFT type (qlora as LORA) names itself for deltatune.
+        data["deltatune_method"] = config.method_name
     if not config.peft_type.startswith("DELTATUNE_"):
         data["inference_mode"] = True
     return data
@@ -83,6 +86,11 @@ def config_from_peft_dict(raw: dict[str, Any], where: str) -> MethodConfig:
         spec = method_for_peft_type(peft_type)
     except Exception as exc:
         raise CheckpointError(f"{where}: {exc}") from None
+    named = raw.get("deltatune_method")
+    if isinstance(named, str) and named != spec.name:
+        own = methods().get(named)
+        if own is not None and own.config_cls.peft_type == peft_type:
+            spec = own
     fields = spec.config_cls.field_types()
     clean: dict[str, Any] = {}
     for key, value in raw.items():

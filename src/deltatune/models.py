@@ -20,6 +20,8 @@ from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.targeting import HEAD_NAMES, output_layer_names, set_submodule
 
 EMBEDDED_ENCODER = "embedded-minilm"
+#: SmolLM2-135M-Instruct (a LlamaForCausalLM), converted once from the embedded GGUF and cached.
+EMBEDDED_DECODER = "embedded-smollm2"
 
 
 @dataclasses.dataclass
@@ -30,7 +32,10 @@ class ModelConfig(BaseConfig):
         name_or_path: ``"embedded-minilm"`` (all-MiniLM-L6-v2, installed by ``make setup``), a
             local transformers model folder, or a Hugging Face hub id (downloads; only when
             named). Default ``"embedded-minilm"``.
-        task: ``"sequence-classification"`` (a new head sized to the labels). Default that.
+        task: ``"sequence-classification"`` (a new head sized to the labels) or ``"causal-lm"``
+            (supervised fine-tuning of a decoder on prompt/response pairs, see
+            :mod:`deltatune.lm`; ``name_or_path: embedded-smollm2`` is the embedded decoder).
+            Default ``"sequence-classification"``.
         trust_remote_code: allow a hub model's own Python code. Default ``false``.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` weights. Default ``"float32"``.
         pretrained: CNNs only: ``false`` builds the network with random weights (the
@@ -41,16 +46,24 @@ class ModelConfig(BaseConfig):
         head: CNNs only: the name of the network's output ``nn.Linear`` to replace by the new
             head; ``None`` finds it (or uses the network as a feature extractor). Default ``None``.
         model_kwargs: CNNs only: keyword arguments for the CNN's class. Default ``{}``.
+        quantize: ``"nf4"`` (4-bit NormalFloat, double-quantised, via torchao) or ``"int8"``
+            quantises every linear layer except the output layer at load time into a frozen
+            :class:`~deltatune.quant.QuantLinear` (QLoRA's base; see docs/qlora.md).
+            ``None`` keeps float weights. Default ``None``.
+        quantize_compute_dtype: the quantised layers' matmul dtype: ``"auto"`` (bfloat16 where
+            the device has it, else float32), ``"bfloat16"`` or ``"float32"``. Default ``"auto"``.
     """
 
     name_or_path: str = EMBEDDED_ENCODER
-    task: Literal["sequence-classification"] = "sequence-classification"
+    task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     pretrained: bool = True
     weights: str | None = None
     head: str | None = None
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quantize: Literal["nf4", "int8"] | None = None
+    quantize_compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
 
 
 def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
@@ -59,6 +72,10 @@ def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
         from deltatune.data.assets import embedded_encoder_path
 
         return str(embedded_encoder_path()), True
+    if name_or_path == EMBEDDED_DECODER:
+        from deltatune.lm.smollm2 import smollm2_path
+
+        return str(smollm2_path()), True
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -120,6 +137,17 @@ def load_classifier(cfg: ModelConfig, label_names: list[str]) -> nn.Module:
             hf_logging.enable_progress_bar()
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = getattr(model.config, "eos_token_id", None)
+    quantize_base(model, cfg)
+    return model
+
+
+def quantize_base(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Apply ``cfg.quantize`` (nf4 / int8 / None) to a loaded base: every linear layer but the
+    output layer becomes a frozen quantised one (:func:`deltatune.quant.quantize_model`)."""
+    if cfg.quantize is not None:
+        from deltatune.quant import quantize_model
+
+        quantize_model(model, cfg.quantize, compute_dtype=cfg.quantize_compute_dtype)
     return model
 
 

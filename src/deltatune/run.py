@@ -37,12 +37,18 @@ from torch.utils.data import Dataset
 from deltatune.checkpoint import load_adapter, save_adapter
 from deltatune.config import BaseConfig, apply_overrides
 from deltatune.data import DataConfig, PadCollator, TokenizedDataset, load_text_splits, make_loader
+from deltatune.data.augment import AugmentConfig, augment_text_dataset
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.io import write_json, write_text
+from deltatune.lm.instructions import CHATTERBOT, InstructionConfig
 from deltatune.model import inject, trainable_report
 from deltatune.models import ModelConfig, load_classifier, load_tokenizer
+from deltatune.prune import PruneConfig
 from deltatune.registry import MethodConfig, config_from_dict, get_method
 from deltatune.train import ClassificationTask, TrainerConfig, fit, resolve_device
+from deltatune.train.cv import CVConfig
+from deltatune.train.distill import DistillConfig
+from deltatune.train.forgetting import ContinualConfig
 from deltatune.vision.cnn import build_image_classifier, is_image_model
 from deltatune.vision.images import (
     IMAGE_SOURCES,
@@ -95,10 +101,33 @@ class RunConfig(BaseConfig):
     method: dict[str, Any] = dataclasses.field(default_factory=default_method)
     train: TrainerConfig = dataclasses.field(default_factory=default_train)
     output_dir: str = "runs/default"
+    # Causal-LM runs (model.task: causal-lm, docs/generation.md): prompt/response pairs.
+    sft: InstructionConfig = dataclasses.field(default_factory=InstructionConfig)
+    # Practices (docs/practices.md): text augmentation, `deltatune cv|distill|prune` settings.
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    cv: CVConfig = dataclasses.field(default_factory=CVConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    # Incremental fine-tuning (docs/practices.md): start from an earlier run / saved adapter.
+    init_from: str | None = None
+    # Forgetting: new-task labels, the reference set, replay / L2-SP / EWC (docs/practices.md).
+    continual: ContinualConfig = dataclasses.field(default_factory=ContinualConfig)
 
     def validate(self) -> None:
         self.method_config()  # unknown method names and keys fail here, at load time
+        if self.model.quantize is not None and self.method.get("name") in ("full", "freeze"):
+            raise ConfigError(
+                f"model.quantize: {self.model.quantize} freezes the linear weights in 4/8 bits, "
+                f"but method {self.method.get('name')} trains base weights in place; use "
+                "method qlora or lora on a quantised base, or model.quantize: null"
+            )
+        if self.augment.enabled and is_image_model(self.model.name_or_path):
+            raise ConfigError(
+                f"augment.text: {self.augment.text} is text augmentation but the model is a "
+                "CNN; use image.augment=[crop,flip] for images"
+            )
         _check_model_fits_data(self)
+        _check_task_fits_data(self)
 
     def method_config(self) -> MethodConfig:
         return config_from_dict(self.method, where="method")
@@ -172,6 +201,31 @@ def _check_model_fits_data(cfg: RunConfig) -> None:
         )
 
 
+def _check_task_fits_data(cfg: RunConfig) -> None:
+    """Instruction pairs go with ``model.task: causal-lm`` and a decoder, labels with a head."""
+    from deltatune.models import EMBEDDED_DECODER, EMBEDDED_ENCODER
+
+    model, source = cfg.model, cfg.data.source
+    if model.task != "causal-lm":
+        if source == CHATTERBOT:
+            raise ConfigError(
+                f"data.source: '{CHATTERBOT}' holds prompt/response pairs; set "
+                f"model.task=causal-lm and model.name_or_path={EMBEDDED_DECODER} "
+                "(see configs/sft-smollm2.yaml)"
+            )
+        return
+    if is_image_model(model.name_or_path) or model.name_or_path == EMBEDDED_ENCODER:
+        raise ConfigError(
+            f"model.name_or_path: '{model.name_or_path}' is not a decoder; model.task=causal-lm "
+            f"needs a causal LM such as '{EMBEDDED_DECODER}'"
+        )
+    if source == "bbc_news" or is_image_source(source):
+        raise ConfigError(
+            f"data.source: '{source}' is classification data; model.task=causal-lm needs "
+            f"'{CHATTERBOT}' or a .jsonl/.csv with sft.prompt_column/sft.response_column fields"
+        )
+
+
 def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in new.items():
@@ -195,7 +249,14 @@ class RunResult:
 
 
 def load_base_model(cfg: RunConfig, label_names: list[str]) -> nn.Module:
-    """The base classifier with a new head sized to ``label_names`` (a CNN for image runs)."""
+    """The base classifier with a new head sized to ``label_names`` (a CNN for image runs).
+
+    A causal-LM run (``model.task: causal-lm``) gets its decoder instead (no head, no labels).
+    """
+    if cfg.model.task == "causal-lm":
+        from deltatune.lm.load import load_causal_lm
+
+        return load_causal_lm(cfg.model)[0]
     if is_image_run(cfg):
         return build_image_classifier(
             cfg.model.name_or_path,
@@ -222,7 +283,12 @@ def build_model(cfg: RunConfig, label_names: list[str]) -> nn.Module:
     if method_cfg.base_model_name_or_path is None:
         method_cfg = method_cfg.replace(base_model_name_or_path=cfg.model.name_or_path)
     try:
-        inject(model, method_cfg)
+        if cfg.init_from is not None:
+            from deltatune.train.incremental import start_from
+
+            start_from(model, cfg.init_from, method_cfg)
+        else:
+            inject(model, method_cfg)
     except ConfigError as exc:
         if is_image_run(cfg) and "matches no module" in str(exc):
             raise ConfigError(
@@ -239,6 +305,10 @@ def _has_field(config: MethodConfig, name: str) -> bool:
 
 def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> RunResult:
     """Run the whole job; returns the metrics written to ``metrics.json``."""
+    if cfg.model.task == "causal-lm":
+        from deltatune.lm.sft import train_causal_run
+
+        return train_causal_run(cfg, resume=resume, echo=echo)
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     seed_everything(cfg.train.seed)
@@ -249,6 +319,20 @@ def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> Run
     else:
         splits = load_text_splits(cfg.data)
         tokenizer = load_tokenizer(cfg.model)
+    ref_examples: tuple[Any, Any] = (None, None)
+    if cfg.continual.active:
+        if image_run:
+            raise ConfigError("continual: is implemented for text classification runs")
+        from deltatune.train.forgetting import continual_splits
+
+        splits, ref_train_examples, ref_eval_examples = continual_splits(
+            cfg.continual, cfg.data, splits
+        )
+        ref_examples = (ref_train_examples, ref_eval_examples)
+    if cfg.init_from is not None:
+        from deltatune.train.incremental import check_labels
+
+        check_labels(cfg.init_from, splits.label_names)
     model = build_model(cfg, splits.label_names)
     device = resolve_device(cfg.train.device)
     model.to(device)
@@ -271,9 +355,13 @@ def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> Run
         val_ds = TokenizedDataset(splits.val, tokenizer, cfg.data.max_length)
         test_ds = TokenizedDataset(splits.test, tokenizer, cfg.data.max_length)
     task = ClassificationTask(num_labels=len(splits.label_names))
+    from deltatune.train.distributed import is_main
+
+    writer = is_main()  # under torchrun, rank 0 writes the run's files
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / RUN_CONFIG_NAME, cfg.to_yaml())
-    write_json(out / LABELS_NAME, splits.label_names)
+    if writer:
+        write_text(out / RUN_CONFIG_NAME, cfg.to_yaml())
+        write_json(out / LABELS_NAME, splits.label_names)
 
     history: list[dict[str, Any]] = []
     fit_info: dict[str, Any] = {}
@@ -290,8 +378,29 @@ def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> Run
         train_cfg = cfg.train
         if train_cfg.learning_rate is None:
             train_cfg = train_cfg.replace(learning_rate=spec.default_lr)
+        if not image_run:  # training batches only; image runs augment via image.augment
+            train_ds = augment_text_dataset(train_ds, cfg.augment, tokenizer)
+        fit_task: Any = task
+        if cfg.continual.active:
+            from deltatune.train.forgetting import prepare_continual
+
+            ref_train_ds, ref_eval_ds = (
+                TokenizedDataset(x, tokenizer, cfg.data.max_length) if x is not None else None
+                for x in ref_examples
+            )
+            fit_task, train_ds, ref_before = prepare_continual(
+                cfg.continual,
+                model,
+                task,
+                train_ds,
+                ref_train_ds,
+                ref_eval_ds,
+                collate_fn=collate,
+                batch_size=cfg.train.eval_batch_size,
+                seed=cfg.train.seed,
+            )
         result = fit(
-            model, task, train_ds, val_ds, train_cfg, out, collate_fn=collate, resume=resume
+            model, fit_task, train_ds, val_ds, train_cfg, out, collate_fn=collate, resume=resume
         )
         history = result.history
         fit_info = {
@@ -306,6 +415,22 @@ def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> Run
 
     val_metrics = evaluate(val_ds)
     test_metrics = evaluate(test_ds)
+    if cfg.continual.active and ref_examples[1] is not None and spec.fit is None:
+        from deltatune.train.forgetting import report_forgetting
+
+        assert ref_eval_ds is not None and ref_before is not None
+        fit_info.update(
+            report_forgetting(
+                model,
+                task,
+                ref_eval_ds,
+                ref_before,
+                collate_fn=collate,
+                batch_size=cfg.train.eval_batch_size,
+            )
+        )
+    if not writer:
+        return RunResult(out, {"val": val_metrics, "test": test_metrics, **fit_info})
     save_adapter(model, out)
     wall = time.perf_counter() - start
     metrics = {
@@ -361,6 +486,10 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, Any, list[str]]
     if is_image_run(cfg):
         seed_everything(cfg.train.seed)
     model = load_base_model(cfg, label_names)
+    if cfg.init_from is not None:  # the adapter is relative to the weights the run began with
+        from deltatune.train.incremental import restore_base
+
+        restore_base(model, cfg.init_from, cfg.method_config().method_name)
     load_adapter(model, folder)
     model.to(resolve_device(cfg.train.device)).eval()
     tokenizer = None if is_image_run(cfg) else load_tokenizer(cfg.model)
@@ -370,6 +499,11 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, Any, list[str]]
 def evaluate_run(
     run_dir: str | Path, overrides: list[str], split: str = "test"
 ) -> dict[str, float]:
+    cfg_path = Path(run_dir) / RUN_CONFIG_NAME
+    if cfg_path.is_file() and RunConfig.from_file(cfg_path).model.task == "causal-lm":
+        from deltatune.lm.sft import evaluate_causal_run
+
+        return evaluate_causal_run(run_dir, overrides, split)
     cfg, model, tokenizer, label_names = load_run(run_dir)
     if overrides:
         data = apply_overrides({"data": cfg.data.to_dict()}, overrides)
@@ -378,6 +512,11 @@ def evaluate_run(
     splits: Any = (
         load_image_splits(cfg.data, cfg.image) if image_run else load_text_splits(cfg.data)
     )
+    if cfg.continual.train_labels is not None and not image_run:  # the run's own labels only
+        from deltatune.train.forgetting import continual_splits
+
+        only_train = ContinualConfig(train_labels=cfg.continual.train_labels)
+        splits = continual_splits(only_train, cfg.data, splits)[0]
     if splits.label_names != label_names:
         raise DeltatuneError(
             f"the data's labels {splits.label_names} differ from the run's {label_names}"
@@ -401,6 +540,11 @@ def predict_texts(
 ) -> list[dict[str, Any]]:
     """Label each text with the run's adapter: ``[{text, label, score}]``."""
     cfg, model, tokenizer, label_names = load_run(run_dir)
+    if cfg.model.task == "causal-lm":
+        raise DeltatuneError(
+            f"run '{run_dir}' is a causal-LM run; generate text with `deltatune generate "
+            f"{run_dir} --prompt ...`"
+        )
     if tokenizer is None:
         raise DeltatuneError(
             f"run '{run_dir}' classifies images; give image files (deltatune predict RUN --image FILE)"
@@ -475,3 +619,71 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     write_text(out / RUN_CONFIG_NAME, cfg.to_yaml())
     write_json(out / LABELS_NAME, label_names)
     return out
+
+
+MERGE_REPORT_NAME = "merge_report.json"
+
+
+def merge_quantized_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    mode: str = "dequantize",
+    dtype: str = "float32",
+    n_sample: int = 16,
+) -> tuple[Path, Any]:
+    """Merge a text-classification run whose base is quantised (``method: qlora`` or
+    ``model.quantize``) and report the output change it introduces (docs/qlora.md).
+
+    ``mode="dequantize"``: the adapter goes into a float copy (``dtype``) of the dequantised
+    base, written with ``save_pretrained`` (loads with transformers alone).
+    ``mode="requantize"``: merged then re-quantised; written as ``model.safetensors`` (the
+    state dict: quantise a fresh base with the same scheme, then ``load_state_dict``) with the
+    run's ``config.yaml`` and ``labels.json``. Both write ``merge_report.json``: the max and
+    mean absolute change of the logits on ``n_sample`` validation texts.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from deltatune.io import save_safetensors
+    from deltatune.quant import MERGE_MODES, merge_quantized
+
+    if mode not in MERGE_MODES:
+        raise ConfigError(f"mode={mode!r} is not one of {', '.join(MERGE_MODES)}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype={dtype!r} must be float32, bfloat16 or float16")
+    cfg, model, tokenizer, label_names = load_run(run_dir)
+    if tokenizer is None or cfg.model.task != "sequence-classification":
+        raise DeltatuneError(
+            f"run '{run_dir}': quantised merges are written for text-classification runs; "
+            "for others use deltatune.quant.merge_quantized(model, sample) in Python"
+        )
+    splits = load_text_splits(cfg.data)
+    texts = (splits.val.texts or splits.train.texts)[:n_sample]
+    device = next(model.parameters()).device
+    enc = tokenizer(
+        texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt"
+    )
+    sample = {k: v.to(device) for k, v in enc.items()}
+    report = merge_quantized(model, sample, mode=mode, dtype=getattr(torch, dtype))  # type: ignore[arg-type]
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if mode == "dequantize":
+            model.save_pretrained(tmp)  # type: ignore[operator]
+            tokenizer.save_pretrained(tmp)
+        else:
+            save_safetensors(
+                tmp / MERGED_WEIGHTS, dict(model.state_dict()), metadata={"format": "pt"}
+            )
+            write_text(tmp / RUN_CONFIG_NAME, cfg.to_yaml())
+            write_json(tmp / LABELS_NAME, label_names)
+        write_json(tmp / MERGE_REPORT_NAME, dataclasses.asdict(report))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out, report

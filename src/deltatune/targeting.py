@@ -2,7 +2,8 @@
 
 - ``target_modules`` as a string: a regular expression that must match the *whole* module name.
 - as a list: a module matches if its name equals an entry or ends with ``"." + entry``.
-- ``"all-linear"``: every ``nn.Linear`` and GPT-2 ``Conv1D`` except the output layer
+- ``"all-linear"``: every ``nn.Linear``, GPT-2 ``Conv1D`` and quantised
+  :class:`~deltatune.quant.QuantLinear` except the output layer
   (``get_output_embeddings()``, or a final ``lm_head``/``classifier``/``score``/``fc`` head).
 - ``exclude_modules``: same forms, removes matches.
 - ``layers_to_transform``: keep only modules inside these layer indices; the index is the number
@@ -33,7 +34,12 @@ def is_linear_like(module: nn.Module) -> bool:
     inner = getattr(module, "base_layer", None)
     if isinstance(inner, nn.Module) and type(module).__name__ != "ModulesToSave":
         return is_linear_like(inner)
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_quant_linear(module)
+
+
+def is_quant_linear(module: nn.Module) -> bool:
+    """A frozen 4-bit / 8-bit :class:`deltatune.quant.QuantLinear` (a Linear for targeting)."""
+    return type(module).__name__ == "QuantLinear" and hasattr(module, "scheme")
 
 
 def _matches(name: str, pattern: str | Sequence[str]) -> bool:

@@ -1,6 +1,7 @@
 """Data for fine-tuning: user files (CSV, JSON lines), the embedded assets, batching."""
 
 from deltatune.data.assets import bbc_news_path, embedded_encoder_path, package_dir
+from deltatune.data.augment import AugmentConfig, AugmentedTextDataset, augment_text_dataset
 from deltatune.data.loader import SeededSampler, make_loader
 from deltatune.data.text import (
     BBC_NEWS,
@@ -19,12 +20,15 @@ from deltatune.data.text import (
 
 __all__ = [
     "BBC_NEWS",
+    "AugmentConfig",
+    "AugmentedTextDataset",
     "DataConfig",
     "PadCollator",
     "SeededSampler",
     "TextExamples",
     "TextSplits",
     "TokenizedDataset",
+    "augment_text_dataset",
     "bbc_news_path",
     "embedded_encoder_path",
     "encode_labels",

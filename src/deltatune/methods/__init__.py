@@ -1,6 +1,7 @@
 """Built-in methods. Importing a module registers its method; one import line per method."""
 
 from deltatune.methods import (
+    adalora,
     bitfit,
     features,
     freeze,
@@ -8,12 +9,19 @@ from deltatune.methods import (
     fusion,
     houlsby,
     ia3,
+    llama_adapter,
     lora,
+    p_tuning,
+    p_tuning_v2,
     parallel_adapter,
     pfeiffer,
+    prefix_tuning,
+    prompt_tuning,
+    qlora,
 )
 
 __all__ = [
+    "adalora",
     "bitfit",
     "features",
     "freeze",
@@ -21,7 +29,13 @@ __all__ = [
     "fusion",
     "houlsby",
     "ia3",
+    "llama_adapter",
     "lora",
+    "p_tuning",
+    "p_tuning_v2",
     "parallel_adapter",
     "pfeiffer",
+    "prefix_tuning",
+    "prompt_tuning",
+    "qlora",
 ]

@@ -19,6 +19,12 @@ DoRA splits the merged weight into a magnitude and a direction::
 with the norm treated as a constant in the backward pass (paper §4.3), computed per output
 row as Hugging Face PEFT does, so that adapters move between the two libraries.
 
+Quantised bases (:class:`deltatune.quant.QuantLinear`, NF4 or int8; see ``methods/qlora.py``):
+the base runs through its own dequantising matmul (never the fused float kernel), the LoRA
+tensors stay float32, and ``base_weight()`` gives the dequantised ``Ŵ`` where DoRA needs it.
+``merge`` refuses such a layer (``Ŵ + s·B·A`` is not on the 4-bit grid): merge with
+:func:`deltatune.quant.merge_quantized`, which reports the output error it introduces.
+
 Supported base layers: ``nn.Linear``, GPT-2 ``Conv1D`` (its weight is ``(in, out)``; LoRA tensors
 stay in the Linear layout, as PEFT stores them), ``nn.Embedding`` (``lora_embedding_A (r, vocab)``,
 ``lora_embedding_B (dim, r)``; no dropout) and ``nn.Conv2d`` (A a full convolution to ``r``
@@ -47,7 +53,7 @@ from deltatune.kernels import (
 )
 from deltatune.layers import AdapterLayer
 from deltatune.registry import Capabilities, MethodConfig, MethodSpec, register
-from deltatune.targeting import is_conv1d, select_modules, set_submodule
+from deltatune.targeting import is_conv1d, is_quant_linear, select_modules, set_submodule
 
 #: Default targets by ``config.model_type``, as PEFT chooses them.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -195,7 +201,9 @@ class LoraLinear(_LoraBase):
         self._dora_scale: dict[str, torch.Tensor] = {}
 
     def base_weight(self) -> torch.Tensor:
-        """The base weight in ``(out, in)`` layout."""
+        """The base weight in ``(out, in)`` layout (dequantised, a new tensor, for 4/8-bit bases)."""
+        if is_quant_linear(self.base_layer):
+            return self.base_layer.dequantize()  # type: ignore[operator, no-any-return]
         w = self.base_weight_param
         return w.t() if self.fan_in_fan_out else w
 
@@ -246,6 +254,12 @@ class LoraLinear(_LoraBase):
         return delta.t() if self.fan_in_fan_out else delta
 
     def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+        if is_quant_linear(self.base_layer):
+            raise DeltatuneError(
+                f"the base of adapter '{adapter_name}' is {self.base_layer.scheme}-quantised and "
+                "cannot absorb it exactly; use deltatune.quant.merge_quantized(model, sample, "
+                "mode='dequantize' or 'requantize'), which reports the error it introduces"
+            )
         if adapter_name not in self.lora_magnitude_vector:
             super()._merge_one(adapter_name, safe_merge)
             return
@@ -483,7 +497,7 @@ LORA_LAYER_TYPES = (LoraLinear, LoraEmbedding, LoraConv2d)
 
 
 def _new_layer(name: str, module: nn.Module) -> _LoraBase:
-    if isinstance(module, nn.Linear) or is_conv1d(module):
+    if isinstance(module, nn.Linear) or is_conv1d(module) or is_quant_linear(module):
         return LoraLinear(module)
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
@@ -554,7 +568,12 @@ register(
         config_cls=LoraConfig,
         inject=inject_lora,
         capabilities=Capabilities(
-            merge=True, peft_compatible=True, multi_adapter=True, disable=True
+            # qlora: runs over a 4/8-bit base (model.quantize); merging there: merge_quantized.
+            merge=True,
+            peft_compatible=True,
+            qlora=True,
+            multi_adapter=True,
+            disable=True,
         ),
         default_lr=1e-3,
         summary="Low-rank update B·A beside frozen weights (rsLoRA and DoRA as options)",

@@ -38,6 +38,7 @@ from deltatune.config import BaseConfig
 from deltatune.data.loader import SeededSampler, make_loader
 from deltatune.errors import CheckpointError, ConfigError, DeltatuneError, did_you_mean
 from deltatune.io import save_safetensors, write_text
+from deltatune.train import distributed
 from deltatune.train.optim import build_optimizer
 from deltatune.train.schedule import build_scheduler, warmup_steps_for
 
@@ -106,6 +107,17 @@ class TrainerConfig(BaseConfig):
         progress: show a progress bar with the loss and learning rate. Default ``true``.
         device: ``"auto"`` (CUDA when available, else CPU), or a torch device such as
             ``"cpu"``, ``"cuda"``, ``"cuda:1"``. Default ``"auto"``.
+        distributed: more than one process (launch with ``torchrun``): ``"auto"`` (DDP when
+            a process group with more than one process runs, else one process), ``"ddp"``,
+            ``"fsdp"`` (CUDA only) or ``"none"``. ``batch_size`` is per process: the global
+            batch is ``batch_size * world_size`` (see :mod:`deltatune.train.distributed`).
+            Default ``"auto"``.
+        optimizer: ``"adamw"`` (torch), or on CUDA bitsandbytes' ``"paged_adamw"`` /
+            ``"paged_adamw_8bit"`` (optimiser states in unified memory that pages to CPU RAM
+            under memory pressure, QLoRA's paged optimiser; see docs/qlora.md).
+            Default ``"adamw"``.
+        gradient_checkpointing: recompute each transformer block in backward instead of
+            keeping its activations (transformers models). Default ``false``.
     """
 
     epochs: int = 3
@@ -130,6 +142,9 @@ class TrainerConfig(BaseConfig):
     max_steps: int | None = None
     progress: bool = True
     device: str = "auto"
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    optimizer: Literal["adamw", "paged_adamw", "paged_adamw_8bit"] = "adamw"
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the field, the value and the allowed range."""
@@ -183,6 +198,11 @@ class TrainerConfig(BaseConfig):
             )
         if not self.metric_for_best:
             raise ConfigError("train.metric_for_best: must name a metric, e.g. 'accuracy'")
+        if self.distributed not in ("auto", "none", "ddp", "fsdp"):
+            raise ConfigError(
+                f"train.distributed: value {self.distributed!r} is not one of "
+                "'auto', 'none', 'ddp', 'fsdp'"
+            )
         if not self.device:
             raise ConfigError("train.device: must be 'auto' or a torch device such as 'cpu'")
 
@@ -402,6 +422,32 @@ class _Progress:
 
 
 Callback = Callable[[dict[str, float]], None]
+
+# --------------------------------------------------------------------------- method hooks
+
+#: Where :func:`add_training_hook` keeps a model's hooks (a plain dict in ``model.__dict__``,
+#: so the hooks are neither submodules nor parameters and copy along with the model).
+TRAINING_HOOKS_ATTR = "_deltatune_training_hooks"
+
+
+def add_training_hook(model: nn.Module, key: str, hook: Any) -> None:
+    """Attach a hook that :func:`fit` calls while training ``model`` (one per ``key``).
+
+    A hook may define either or both of:
+
+    - ``extra_loss(model) -> Tensor``: added to every micro-batch's loss (a regulariser, e.g.
+      AdaLoRA's orthogonality term);
+    - ``after_optimizer_step(model, step, total_steps)``: called after each optimizer step and
+      before the gradients are cleared (``step`` counts from 1), e.g. AdaLoRA's rank allocator.
+
+    Methods attach theirs in ``inject``; a hook whose adapter is gone should do nothing.
+    """
+    model.__dict__.setdefault(TRAINING_HOOKS_ATTR, {})[key] = hook
+
+
+def training_hooks(model: nn.Module) -> list[Any]:
+    """The hooks attached to ``model`` by :func:`add_training_hook`, in attach order."""
+    return list(model.__dict__.get(TRAINING_HOOKS_ATTR, {}).values())
 
 
 def read_log(path: str | Path) -> list[dict[str, float]]:
@@ -758,7 +804,8 @@ def fit(
     ``resume=True`` it continues from that checkpoint and ends with exactly the weights an
     uninterrupted run would have. Each callback gets every step's log row after the step
     (and any evaluation and checkpoint) is done; an exception from it aborts the run.
-    Never changes ``requires_grad``; moves the model to ``cfg.device``.
+    Never changes ``requires_grad``; moves the model to ``cfg.device``. Hooks a method attached
+    with :func:`add_training_hook` add loss terms and run after each optimizer step.
     """
     cfg.validate()
     if cfg.learning_rate is None:
@@ -767,6 +814,19 @@ def fit(
             "method supply its default before training"
         )
     device = resolve_device(cfg.device)
+    # More than one process (torchrun): join the group, one device per process, DDP/FSDP.
+    distributed.init_from_env(device)
+    device = distributed.local_device(device)
+    dist_mode = distributed.resolve_mode(cfg.distributed, device)
+    if dist_mode == "fsdp" and (
+        cfg.checkpoint_every_steps is not None or cfg.early_stopping_patience is not None
+    ):
+        raise ConfigError(
+            "train.distributed: 'fsdp' keeps sharded weights, which the resumable checkpoints "
+            "and early stopping's best-weight copy do not handle; set "
+            "train.checkpoint_every_steps and train.early_stopping_patience to null, or use ddp"
+        )
+    writer = distributed.is_main()  # files are written once, by rank 0
     precision = resolve_precision(cfg.precision, device)
     if output_dir is None and (resume or cfg.checkpoint_every_steps is not None):
         what = "resume" if resume else "train.checkpoint_every_steps"
@@ -785,7 +845,12 @@ def fit(
 
     seed_everything(cfg.seed)
     model.to(device)
-    train_loader = make_loader(train_dataset, cfg.batch_size, True, cfg.seed, collate_fn)
+    if dist_mode == "none":
+        train_loader = make_loader(train_dataset, cfg.batch_size, True, cfg.seed, collate_fn)
+    else:
+        train_loader = distributed.sharded_loader(
+            train_dataset, cfg.batch_size, cfg.seed, collate_fn
+        )
     sampler = train_loader.sampler
     assert isinstance(sampler, SeededSampler)
     val_loader: DataLoader[Any] | None = None
@@ -793,20 +858,44 @@ def fit(
         val_loader = make_loader(val_dataset, cfg.eval_batch_size, False, cfg.seed, collate_fn)
 
     accum = cfg.grad_accum_steps
-    batches_per_epoch = math.ceil(n_train / cfg.batch_size)
+    batches_per_epoch = math.ceil(n_train / (cfg.batch_size * distributed.world_size()))
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
+    hooks = training_hooks(model)
+    extra_losses = [h.extra_loss for h in hooks if callable(getattr(h, "extra_loss", None))]
+    step_hooks = [h.after_optimizer_step for h in hooks if hasattr(h, "after_optimizer_step")]
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
     # Persistent buffers (BatchNorm running statistics) change in training too: checkpointed.
     param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     buffers = [(n, t) for n, t in model.state_dict(keep_vars=True).items() if n not in param_names]
-    optimizer = build_optimizer(
+    # Quantised base weights (QLoRA's NF4/int8 codes) are buffers that training never changes:
+    # not copied for early stopping nor written into every checkpoint.
+    constant = {
+        f"{m_name}.{b_name}" if m_name else b_name
+        for m_name, module in model.named_modules()
+        if getattr(module, "constant_buffers", False)
+        for b_name, _ in module.named_buffers(recurse=False)
+    }
+    buffers = [(n, t) for n, t in buffers if n not in constant]
+    optimizer: torch.optim.Optimizer = build_optimizer(
         model, cfg.learning_rate, cfg.weight_decay, cfg.layerwise_lr_decay, cfg.head_lr_multiplier
     )
+    if cfg.optimizer != "adamw":  # paged bitsandbytes AdamW (CUDA), same param groups
+        from deltatune.quant.paged import build_named_optimizer
+
+        optimizer = build_named_optimizer(cfg.optimizer, optimizer.param_groups, cfg.learning_rate)
+    if cfg.gradient_checkpointing:
+        from deltatune.quant.paged import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+    # Wrapped after the optimizer's groups are built: FSDP flattens the shards, which would
+    # hide each weight's shape from the "no decay on 1-D parameters" rule; with
+    # use_orig_params it keeps the same parameter objects, so the optimizer still holds them.
+    wrapped = distributed.wrap(model, dist_mode, device)
     warmup = warmup_steps_for(total_steps, cfg.warmup_ratio)
     scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps, warmup)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -821,19 +910,23 @@ def fit(
             ckpt_dir, trainable, optimizer, scheduler, scaler, cfg, n_train, buffers
         )
         # The log may hold rows written after the checkpoint; the checkpoint's history wins.
-        write_text(log_path, "".join(json.dumps(row) + "\n" for row in progress.history))
+        if writer:
+            write_text(log_path, "".join(json.dumps(row) + "\n" for row in progress.history))
         _restore_rng(rng_meta, rng_tensors)
     elif output_dir is not None:
         assert ckpt_dir is not None and log_path is not None
         output_dir.mkdir(parents=True, exist_ok=True)
-        _clear_stale_checkpoint(ckpt_dir)
-        write_text(log_path, "")
+        if writer:
+            _clear_stale_checkpoint(ckpt_dir)
+            write_text(log_path, "")
 
+    if not writer:
+        log_path = None
     log_fh: TextIO | None = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115
     bar = tqdm(
         total=total_steps,
         initial=progress.step,
-        disable=not cfg.progress,
+        disable=not (cfg.progress and writer),
         desc="train",
         unit="step",
         dynamic_ncols=True,
@@ -848,21 +941,28 @@ def fit(
             epoch = progress.epoch
             first = progress.batch_in_epoch
             sampler.set_epoch(epoch, start=first * cfg.batch_size)
+            set_data_epoch = getattr(train_dataset, "set_epoch", None)
+            if callable(set_data_epoch):  # datasets whose content varies by epoch (multi-task)
+                set_data_epoch(epoch)
             window_losses: list[float] = []
             for b, raw in enumerate(train_loader, start=first):
                 window_start = (b // accum) * accum
                 window = min(accum, batches_per_epoch - window_start)
                 batch = move_to_device(raw, device)
-                with autocast_context(device, precision):
-                    loss = task.loss(model, batch)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise DeltatuneError(
-                        f"the training loss became {loss_value} at step {progress.step + 1}; "
-                        "lower train.learning_rate or use train.precision=fp32"
-                    )
-                scaled = loss / window
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                # DDP/FSDP: gradients are averaged over the processes once per window.
+                with distributed.no_sync(wrapped, b + 1 - window_start < window):
+                    with autocast_context(device, precision):
+                        loss = task.loss(wrapped, batch)
+                        for extra_loss in extra_losses:
+                            loss = loss + extra_loss(model)
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise DeltatuneError(
+                            f"the training loss became {loss_value} at step {progress.step + 1}; "
+                            "lower train.learning_rate or use train.precision=fp32"
+                        )
+                    scaled = loss / window
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 window_losses.append(loss_value)
                 if b + 1 - window_start < window:
                     continue
@@ -871,7 +971,11 @@ def fit(
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 grad_norm = None
-                if cfg.max_grad_norm is not None:
+                if cfg.max_grad_norm is not None and dist_mode == "fsdp":
+                    # The norm over every process's shard, not just this one's.
+                    clip = getattr(wrapped, "clip_grad_norm_")  # noqa: B009
+                    grad_norm = float(clip(cfg.max_grad_norm))
+                elif cfg.max_grad_norm is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 lr = max(float(g["lr"]) for g in optimizer.param_groups)
                 if scaler is not None:
@@ -880,6 +984,8 @@ def fit(
                 else:
                     optimizer.step()
                 scheduler.step()
+                for after_step in step_hooks:  # gradients are still there
+                    after_step(model, progress.step + 1, total_steps)
                 optimizer.zero_grad(set_to_none=True)
 
                 progress.step += 1
@@ -890,7 +996,9 @@ def fit(
                 row: dict[str, float] = {
                     "step": progress.step,
                     "epoch": round(epoch + (b + 1) / batches_per_epoch, 4),
-                    "loss": sum(window_losses) / len(window_losses),
+                    "loss": distributed.mean_over_processes(
+                        sum(window_losses) / len(window_losses), device
+                    ),
                     "lr": lr,
                 }
                 if grad_norm is not None:
@@ -904,7 +1012,9 @@ def fit(
                     else epoch_end
                 )
                 if val_loader is not None and (due or last_step):
-                    metrics = _evaluate(model, task, val_loader, device, precision)
+                    # FSDP's forward must go through the wrapper (it gathers the shards).
+                    eval_model = wrapped if dist_mode == "fsdp" else model
+                    metrics = _evaluate(eval_model, task, val_loader, device, precision)
                     row.update({f"val_{k}": v for k, v in metrics.items()})
                     progress.last_metrics = metrics
                     key = _metric_key(cfg, metrics)
@@ -936,7 +1046,8 @@ def fit(
                 progress.finished = done
                 every = cfg.checkpoint_every_steps
                 if (
-                    ckpt_dir is not None
+                    writer
+                    and ckpt_dir is not None
                     and every is not None
                     and (progress.step % every == 0 or epoch_end or done)
                 ):
@@ -967,6 +1078,9 @@ def fit(
             log_fh.close()
         model.train(was_training)
 
+    if dist_mode == "fsdp":
+        distributed.unwrap_fsdp(wrapped, model)
+    distributed.barrier()  # rank 0's files are complete before any process goes on
     restored = False
     if cfg.early_stopping_patience is not None and best_weights:
         with torch.no_grad():
