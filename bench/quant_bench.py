@@ -26,13 +26,17 @@ chatterbot pairs (configs/sft-smollm2.yaml, test perplexity); then the QLoRA BBC
 both ways (``merge_quantized``) and the output change and the merged model's test accuracy are
 reported.
 
+Part ``smol-diagnostics``: the SmolLM2 bases' test perplexity before training (float, nf4 with
+bf16 / fp32 compute, int8) and QLoRA trained on other bases (``--train-variants``).
+
 Usage::
 
     .venv/bin/python bench/quant_bench.py --part memory      # ~3 min on 2 cores
     .venv/bin/python bench/quant_bench.py --part quality     # ~30 min on 2 cores
     .venv/bin/python bench/quant_bench.py                    # both
+    .venv/bin/python bench/quant_bench.py --part smol-diagnostics --train-variants int8-bf16
 
-Writes bench/results/quant_memory.json and bench/results/quant_quality.json.
+Writes bench/results/quant_memory.json, quant_quality.json and quant_smol_diagnostics.json.
 """
 
 from __future__ import annotations

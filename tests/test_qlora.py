@@ -331,7 +331,7 @@ def test_paged_optimizer_needs_cuda() -> None:
 def test_quantised_base_refuses_in_place_methods() -> None:
     from deltatune.run import load_run_config
 
-    with pytest.raises(dt.ConfigError, match="model.quantize: nf4 freezes"):
+    with pytest.raises(dt.ConfigError, match=r"model\.quantize: nf4 freezes"):
         load_run_config(None, ["model.quantize=nf4", "method.name=full"])
     cfg = load_run_config(None, ["model.quantize=int8"])
     assert cfg.model.quantize == "int8" and cfg.method["name"] == "lora"

@@ -6,7 +6,7 @@
   :func:`paged_adamw` raises a clear error elsewhere (on CPU the states already live in RAM).
   ``train.optimizer: paged_adamw`` (32-bit moments) or ``paged_adamw_8bit`` (8-bit blockwise
   moments, 4x smaller).
-- Gradient (activation) checkpointing: transformers' ``gradient_checkpointing_enable`` keeps
+- Gradient (activation) checkpointing: transformers' ``activation_checkpointing_enable`` keeps
   only each block's input and recomputes the block in backward (about one extra forward per
   step, activation memory of one block instead of all). Works on CPU and CUDA for transformers
   models; ``train.gradient_checkpointing: true``. LoRA dropout masks replay exactly under
@@ -67,14 +67,17 @@ def build_named_optimizer(
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block in backward instead of keeping its activations."""
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if not callable(enable) or not getattr(model, "supports_gradient_checkpointing", False):
+    if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(
             f"train.gradient_checkpointing: {type(model).__name__} does not support it "
             "(transformers models with supports_gradient_checkpointing do); set it to false"
         )
     # Non-reentrant checkpointing needs no input that requires grad (the base is frozen).
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
 
 
 __all__ = ["OPTIMIZERS", "build_named_optimizer", "enable_gradient_checkpointing", "paged_adamw"]
