@@ -10,7 +10,10 @@ Quick tour::
     dt.load_adapter(fresh_base, "out/adapter")
 """
 
-from deltatune import strategies  # adapt (MLM/SimCSE/causal LM), semisup, reward, DPO
+from deltatune import (
+    _quiet,  # noqa: F401  (first: silences import-time log noise)
+    strategies,  # adapt (MLM/SimCSE/causal LM), semisup, reward, DPO
+)
 from deltatune.arch import ArchConfig
 from deltatune.checkpoint import (
     adapter_state_dict,
