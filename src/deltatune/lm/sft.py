@@ -194,7 +194,9 @@ def train_causal_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print)
     if result.history:
         from deltatune.plot import plot_history
 
-        plot_history(result.history, out / PLOT_NAME)
+        # The base model's validation loss, as step 0, shows where training started from.
+        start_row = [{"step": 0, "val_loss": before["val"]["loss"]}]
+        plot_history([*start_row, *result.history], out / PLOT_NAME)
     return RunResult(out, metrics)
 
 
