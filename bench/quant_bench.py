@@ -29,14 +29,33 @@ reported.
 Part ``smol-diagnostics``: the SmolLM2 bases' test perplexity before training (float, nf4 with
 bf16 / fp32 compute, int8) and QLoRA trained on other bases (``--train-variants``).
 
+Part ``nf4-check`` (issue #6): the same SmolLM2 linear weights rounded to NF4 by deltatune
+(torchao), bitsandbytes (``quantize_4bit``, block 64, double quantisation) and a written-out
+reference (the paper's code book, block-64 absmax), put back into a float copy: per-layer mean
+|W − Ŵ| and held-out perplexity of each; also which modules get quantised (tied embeddings).
+
+Part ``smol-epochs``: LoRA and QLoRA on SmolLM2 with configs/sft-smollm2.yaml for ``--epochs``
+epochs, same settings for both (``--methods lora`` / ``qlora`` may run as two processes).
+
+Part ``smol-loftq`` (issue #6): QLoRA with LoftQ initialisation (``init_lora_weights: loftq``)
+on SmolLM2. First the held-out perplexity at initialisation, before any training (float base,
+plain NF4 QLoRA, NF4 + LoftQ for each ``--loftq-init-iters``), with the weight-space error
+``Σ‖W − Ŵ − s·B A‖²`` relative to plain NF4's ``Σ‖W − Ŵ‖²``; then the 1-epoch runs of
+configs/sft-smollm2.yaml named in ``--loftq-train`` (``lora``, ``qlora``, ``qlora-loftq<T>``),
+the same settings for all. Results merge into quant_smol_loftq.json (processes may split runs).
+
 Usage::
 
     .venv/bin/python bench/quant_bench.py --part memory      # ~3 min on 2 cores
     .venv/bin/python bench/quant_bench.py --part quality     # ~30 min on 2 cores
     .venv/bin/python bench/quant_bench.py                    # both
     .venv/bin/python bench/quant_bench.py --part smol-diagnostics --train-variants int8-bf16
+    .venv/bin/python bench/quant_bench.py --part nf4-check                   # ~3 min
+    .venv/bin/python bench/quant_bench.py --part smol-epochs --epochs 2 --methods lora
+    .venv/bin/python bench/quant_bench.py --part smol-loftq --loftq-train qlora-loftq1,lora
 
-Writes bench/results/quant_memory.json, quant_quality.json and quant_smol_diagnostics.json.
+Writes bench/results/quant_memory.json, quant_quality.json, quant_smol_diagnostics.json,
+quant_nf4_check.json, quant_smol_epochs.json and quant_smol_loftq.json.
 """
 
 from __future__ import annotations
@@ -325,7 +344,7 @@ def bbc_config(method: dict[str, Any], out: Path, max_train: int) -> Any:
     return type(cfg).from_dict(data)
 
 
-def smol_config(method: dict[str, Any], out: Path) -> Any:
+def smol_config(method: dict[str, Any], out: Path, epochs: int | None = None) -> Any:
     from deltatune.run import load_run_config
 
     root = Path(__file__).resolve().parent.parent
@@ -333,6 +352,8 @@ def smol_config(method: dict[str, Any], out: Path) -> Any:
     data = cfg.to_dict()
     data["method"] = method
     data["train"].update({"progress": False})
+    if epochs is not None:
+        data["train"]["epochs"] = epochs
     data["output_dir"] = str(out)
     return type(cfg).from_dict(data)
 
@@ -466,15 +487,276 @@ def smol_diagnostics(train_variants: list[str]) -> dict[str, Any]:
     return res
 
 
+# The NF4 levels of the QLoRA paper (Appendix E), written out for the hand-made reference.
+NF4_LEVELS = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]  # fmt: skip
+
+
+def nf4_reference(w: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """NF4 round trip by the paper's definition, without double quantisation:
+    c_b = max|W_b|, Ŵ_i = q_k · c_b with k = argmin_k |W_i / c_b − q_k|."""
+    code = torch.tensor(NF4_LEVELS)
+    flat = w.reshape(-1, block)
+    c = flat.abs().amax(1, keepdim=True)
+    idx = (flat / c).unsqueeze(-1).sub(code).abs().argmin(-1)
+    return (code[idx] * c).reshape(w.shape)
+
+
+def nf4_bnb(w: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' NF4 round trip (block 64, double-quantised constants), on CPU."""
+    import bitsandbytes.functional as bnbf
+
+    q, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+    return bnbf.dequantize_4bit(q, state).to(torch.float32)  # type: ignore[no-any-return]
+
+
+def nf4_check() -> dict[str, Any]:
+    """Is SmolLM2's NF4 perplexity jump our quantisation or NF4 itself? The same SmolLM2 linear
+    weights rounded three ways (deltatune/torchao, bitsandbytes, the hand-written reference),
+    written back into a float copy; per-layer mean |W − Ŵ| and the held-out perplexity of each
+    (the evaluation of part smol-diagnostics)."""
+    from deltatune.data.loader import make_loader
+    from deltatune.lm.instructions import CausalLMCollator
+    from deltatune.lm.load import load_causal_lm
+    from deltatune.lm.sft import datasets, load_splits
+    from deltatune.lm.task import CausalLMTask
+    from deltatune.quant import quantize_model
+
+    cfg = smol_config({"name": "lora"}, Path(tempfile.gettempdir()) / "unused")
+    splits = load_splits(cfg)
+    model, tok = load_causal_lm("embedded-smollm2")
+    _, _, test_ds = datasets(cfg, splits, tok)
+    loader = make_loader(
+        test_ds, 16, shuffle=False, seed=0, collate=CausalLMCollator(tok.pad_token_id)
+    )
+    probe, _ = load_causal_lm("embedded-smollm2")
+    report = quantize_model(probe, "nf4", compute_dtype="float32")
+    res: dict[str, Any] = {
+        "tied_embeddings": bool(
+            probe.lm_head.weight.data_ptr() == probe.model.embed_tokens.weight.data_ptr()
+        ),
+        "lm_head_type": type(probe.lm_head).__name__,
+        "embed_tokens_type": type(probe.model.embed_tokens).__name__,
+        "quantized_layers": len(report.quantized),
+        "left_float": report.skipped,
+        "scaler_blocks": sorted(
+            {
+                f"{m.out_features}x{m.in_features}": m.scaler_block_size
+                for m in probe.modules()
+                if isinstance(m, QuantLinear)
+            }.items()
+        ),
+    }
+    del probe
+    names = list(report.quantized)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    rounders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "deltatune": lambda w: QuantLinear.from_weight(w, None, "nf4", "float32").dequantize(),
+        "bitsandbytes": nf4_bnb,
+        "reference": nf4_reference,
+    }
+    errors: dict[str, list[float]] = {k: [] for k in rounders}
+    rounded: dict[str, dict[str, torch.Tensor]] = {k: {} for k in rounders}
+    for name in names:
+        w = model.get_submodule(name).weight.detach().float()
+        for k, f in rounders.items():
+            rounded[k][name] = f(w)
+            errors[k].append((rounded[k][name] - w).abs().mean().item())
+    res["mean_abs_error"] = {k: statistics.fmean(v) for k, v in errors.items()}
+    res["mean_abs_error_ratio_to_reference"] = {
+        k: statistics.fmean(a / b for a, b in zip(v, errors["reference"], strict=True))
+        for k, v in errors.items()
+    }
+    res["worst_layer_ratio_to_reference"] = {
+        k: max(a / b for a, b in zip(v, errors["reference"], strict=True))
+        for k, v in errors.items()
+    }
+    res["test_perplexity"] = {"float32": CausalLMTask().evaluate(model, loader)["perplexity"]}
+    print(f"float32: {res['test_perplexity']['float32']:.3f}", flush=True)
+    for k in rounders:
+        with torch.no_grad():
+            for name in names:
+                model.get_submodule(name).weight.copy_(rounded[k][name])
+        res["test_perplexity"][k] = CausalLMTask().evaluate(model, loader)["perplexity"]
+        print(f"{k}: {res['test_perplexity'][k]:.3f}", flush=True)
+        model.load_state_dict(base)
+    return res
+
+
+def smol_epochs(epochs: int, names: list[str]) -> dict[str, Any]:
+    """LoRA and QLoRA on SmolLM2 with configs/sft-smollm2.yaml trained for ``epochs`` epochs
+    (the same settings for every method; the quality part uses the config's 1 epoch). Each method
+    may run in its own process; results merge into quant_smol_epochs.json under ``epochs<N>``."""
+    from deltatune.io import write_json
+    from deltatune.run import train_run
+
+    lora = {"r": R, "lora_alpha": ALPHA, "lora_dropout": DROPOUT, "target_modules": "all-linear"}
+    path = RESULTS / "quant_smol_epochs.json"
+    mine: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            t0 = time.perf_counter()
+            cfg = smol_config({"name": name, **lora}, Path(tmp) / name, epochs)
+            m = train_run(cfg, echo=print).metrics
+            mine[name] = {
+                "test_loss": m["test"]["loss"],
+                "test_perplexity": m["test"]["perplexity"],
+                "wall_s": time.perf_counter() - t0,
+            }
+            print(f"smollm2 epochs={epochs} {name}: {mine[name]}", flush=True)
+            # Re-read just before writing: another process may have added its method meanwhile.
+            res = json.loads(path.read_text()) if path.exists() else {}
+            res.setdefault(f"epochs{epochs}", {}).update({name: mine[name]})
+            write_json(path, res)
+    return mine
+
+
+def loftq_method(name: str) -> dict[str, Any]:
+    """``lora`` / ``qlora`` / ``qlora-loftq<T>`` → the method dict, the same LoRA settings."""
+    lora = {"r": R, "lora_alpha": ALPHA, "lora_dropout": DROPOUT, "target_modules": "all-linear"}
+    if name in ("lora", "qlora"):
+        return {"name": name, **lora}
+    if name.startswith("qlora-loftq") and name[len("qlora-loftq") :].isdigit():
+        iters = int(name[len("qlora-loftq") :])
+        return {
+            "name": "qlora",
+            **lora,
+            "init_lora_weights": "loftq",
+            "loftq_config": {"loftq_iter": iters},
+        }
+    raise SystemExit(f"unknown --loftq-train entry {name!r} (lora, qlora, qlora-loftq<T>)")
+
+
+def merge_loftq_results(update: dict[str, Any]) -> None:
+    """Merge into quant_smol_loftq.json, re-read just before writing (runs may be split)."""
+    from deltatune.io import write_json
+
+    path = RESULTS / "quant_smol_loftq.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    for key, value in update.items():
+        if isinstance(value, dict):
+            res.setdefault(key, {}).update(value)
+        else:
+            res[key] = value
+    write_json(path, res)
+
+
+def smol_loftq_init(iters: list[int]) -> dict[str, Any]:
+    """Held-out perplexity at initialisation (no training) of the float base, plain NF4 QLoRA
+    (B = 0: the NF4 base) and NF4 + LoftQ with ``T`` iterations, all with the training runs'
+    settings (compute dtype auto); and each one's weight error over the 210 adapted layers."""
+    from deltatune.data.loader import make_loader
+    from deltatune.lm.instructions import CausalLMCollator
+    from deltatune.lm.load import load_causal_lm
+    from deltatune.lm.sft import datasets, load_splits
+    from deltatune.lm.task import CausalLMTask
+    from deltatune.methods.lora import LoraLinear
+
+    cfg = smol_config({"name": "lora"}, Path(tempfile.gettempdir()) / "unused")
+    splits = load_splits(cfg)
+    model, tok = load_causal_lm("embedded-smollm2")
+    _, _, test_ds = datasets(cfg, splits, tok)
+    loader = make_loader(
+        test_ds, 16, shuffle=False, seed=0, collate=CausalLMCollator(tok.pad_token_id)
+    )
+    float_weights = {
+        n: m.weight.detach().clone() for n, m in model.named_modules() if type(m) is nn.Linear
+    }
+    res: dict[str, Any] = {
+        "init_test_perplexity": {"float32": CausalLMTask().evaluate(model, loader)["perplexity"]},
+        "init_weight_error_sq": {},
+        "init_s": {},
+    }
+    print(f"init float32: {res['init_test_perplexity']['float32']:.3f}", flush=True)
+    del model
+    for name in ["qlora", *(f"qlora-loftq{t}" for t in iters)]:
+        model, _ = load_causal_lm("embedded-smollm2")
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        dt.inject(model, dt.config_from_dict(loftq_method(name)))
+        res["init_s"][name] = time.perf_counter() - t0
+        error = 0.0
+        with torch.no_grad():
+            for path, layer in model.named_modules():
+                if isinstance(layer, LoraLinear):
+                    w_hat = layer.base_weight() + layer.delta_weight("default")
+                    error += float((float_weights[path] - w_hat).pow(2).sum())
+        res["init_weight_error_sq"][name] = error
+        res["init_test_perplexity"][name] = CausalLMTask().evaluate(model, loader)["perplexity"]
+        print(
+            f"init {name}: perplexity {res['init_test_perplexity'][name]:.3f}, "
+            f"weight error² {error:.2f}, inject {res['init_s'][name]:.1f} s",
+            flush=True,
+        )
+        merge_loftq_results(res)
+        del model
+        gc.collect()
+    plain = res["init_weight_error_sq"]["qlora"]
+    res["init_weight_error_ratio_to_nf4"] = {
+        k: v / plain for k, v in res["init_weight_error_sq"].items()
+    }
+    merge_loftq_results(res)
+    return res
+
+
+def smol_loftq_train(names: list[str]) -> dict[str, Any]:
+    """The 1-epoch configs/sft-smollm2.yaml runs named in ``names``, same settings for all."""
+    from deltatune.run import train_run
+
+    mine: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            t0 = time.perf_counter()
+            m = train_run(smol_config(loftq_method(name), Path(tmp) / name), echo=print).metrics
+            mine[name] = {
+                "test_loss": m["test"]["loss"],
+                "test_perplexity": m["test"]["perplexity"],
+                "val_loss": m["val"]["loss"],
+                "best_step": m["best_step"],
+                "wall_s": time.perf_counter() - t0,
+            }
+            print(f"smollm2 1 epoch {name}: {mine[name]}", flush=True)
+            merge_loftq_results({"train_1_epoch": {name: mine[name]}})
+    return mine
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--part", choices=["memory", "quality", "all", "smol-diagnostics"], default="all"
+        "--part",
+        choices=[
+            "memory",
+            "quality",
+            "all",
+            "smol-diagnostics",
+            "smol-epochs",
+            "nf4-check",
+            "smol-loftq",
+        ],
+        default="all",
     )
     parser.add_argument(
         "--train-variants",
         default="nf4-fp32,int8-bf16",
         help="smol-diagnostics: QLoRA settings to train (nf4-fp32, int8-bf16; empty: none)",
+    )
+    parser.add_argument("--epochs", type=int, default=2, help="smol-epochs: training epochs")
+    parser.add_argument(
+        "--methods", default="lora,qlora", help="smol-epochs: methods to train (lora, qlora)"
+    )
+    parser.add_argument(
+        "--loftq-init-iters",
+        default="1,2,5",
+        help="smol-loftq: LoftQ iteration counts whose perplexity at init to measure (empty: none)",
+    )
+    parser.add_argument(
+        "--loftq-train",
+        default="qlora-loftq1,lora",
+        help="smol-loftq: 1-epoch runs to train (lora, qlora, qlora-loftq<T>; empty: none)",
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-train", type=int, default=800, help="BBC training articles")
@@ -508,6 +790,20 @@ def main(argv: list[str] | None = None) -> int:
         res["meta"] = meta
         print(json.dumps(res, indent=2))
         (RESULTS / "quant_smol_diagnostics.json").write_text(json.dumps(res, indent=2) + "\n")
+    if args.part == "nf4-check":
+        res = nf4_check()
+        res["meta"] = meta
+        print(json.dumps(res, indent=2))
+        (RESULTS / "quant_nf4_check.json").write_text(json.dumps(res, indent=2) + "\n")
+    if args.part == "smol-epochs":
+        print(json.dumps(smol_epochs(args.epochs, [m for m in args.methods.split(",") if m])))
+    if args.part == "smol-loftq":
+        iters = [int(t) for t in args.loftq_init_iters.split(",") if t]
+        if iters:
+            smol_loftq_init(iters)
+        smol_loftq_train([m for m in args.loftq_train.split(",") if m])
+        merge_loftq_results({"meta": meta})
+        print((RESULTS / "quant_smol_loftq.json").read_text())
     if args.part in ("quality", "all"):
         res = measure_quality(args.max_train, not args.no_smollm2)
         res["meta"] = meta

@@ -709,6 +709,119 @@ CASES_BY_METHOD: dict[str, list[Case]] = {
             258,
         ),
     ],
+    "combine": [
+        # LoRA r=4 on query, value: 2 blocks * 2 * 256 = 1024; IA3 on key (out 32) and both
+        #   output.dense (feed-forward style: in 32 + in 64) = 128 per block * 2 = 256;
+        #   classifier copy 99 -> 1379
+        Case(
+            "bert-combine",
+            "bert",
+            "combine",
+            {
+                "methods": [
+                    {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+                    {
+                        "name": "ia3",
+                        "target_modules": ["key", "output.dense"],
+                        "feedforward_modules": ["output.dense"],
+                    },
+                ],
+                "task_type": "SEQ_CLS",
+            },
+            1379,
+        ),
+        # LoRA r=4 on q_proj (32->32): 256 * 2 = 512; IA3 k_proj (out 16) + down_proj (in 64):
+        #   80 * 2 = 160 -> 672
+        Case(
+            "llama-combine",
+            "llama",
+            "combine",
+            {
+                "methods": [
+                    {"name": "lora", "r": 4, "target_modules": ["q_proj"]},
+                    {
+                        "name": "ia3",
+                        "target_modules": ["k_proj", "down_proj"],
+                        "feedforward_modules": ["down_proj"],
+                    },
+                ],
+            },
+            672,
+        ),
+        # LoRA r=4 on c_attn (32->96): 512 * 2 = 1024; IA3 on mlp.c_proj (in 128): 256 -> 1280
+        Case(
+            "gpt2-combine",
+            "gpt2",
+            "combine",
+            {
+                "methods": [
+                    {"name": "lora", "r": 4, "target_modules": ["c_attn"]},
+                    {
+                        "name": "ia3",
+                        "target_modules": ["mlp.c_proj"],
+                        "feedforward_modules": ["mlp.c_proj"],
+                    },
+                ],
+            },
+            1280,
+        ),
+        # LoRA r=2 on conv1 (3->8, k3): A 2*3*3*3 = 54, B 8*2 = 16; IA3 on conv2's input (8)
+        #   -> 78
+        Case(
+            "cnn-combine",
+            "cnn",
+            "combine",
+            {
+                "methods": [
+                    {"name": "lora", "r": 2, "target_modules": ["conv1"]},
+                    {"name": "ia3", "target_modules": ["conv2"], "feedforward_modules": ["conv2"]},
+                ],
+            },
+            78,
+        ),
+    ],
+    # MAM: a key/value prefix (n = 4, trained directly) + a parallel FFN adapter, one adapter.
+    "mam": [
+        # prefix 4 * (2 layers * 2 * 32) = 512; adapter m = 8: 2 * (32*8 + 8 + 8*32 + 32) = 1104;
+        #   classifier copy 99 -> 1715
+        Case(
+            "bert-mam-seqcls",
+            "bert",
+            "mam",
+            {
+                "num_virtual_tokens": 4,
+                "prefix_projection": False,
+                "bottleneck_size": 8,
+                "task_type": "SEQ_CLS",
+            },
+            1715,
+            starts_like=None,
+        ),
+        # prefix 4 * (2 * 2 * 32) = 512; adapter m = 8 + LN: 2 * (552 + 64) = 1232 -> 1744
+        Case(
+            "gpt2-mam-ln",
+            "gpt2",
+            "mam",
+            {
+                "num_virtual_tokens": 4,
+                "prefix_projection": False,
+                "bottleneck_size": 8,
+                "ln_before": True,
+            },
+            1744,
+            starts_like=None,
+        ),
+        # GQA: 1 kv head x 16 -> prefix 4 * (2 * 2 * 16) = 256; default m = 32 // 2 = 16:
+        #   2 * (32*16 + 16 + 16*32 + 32) = 2144 -> 2400
+        Case(
+            "llama-mam-zero",
+            "llama",
+            "mam",
+            {"num_virtual_tokens": 4, "prefix_projection": False, "prefix_init": "zero"},
+            2400,
+            starts_like=None,
+        ),
+    ],
 }
 
 

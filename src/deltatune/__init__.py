@@ -32,6 +32,7 @@ from deltatune.layers import AdapterLayer, ModulesToSave
 from deltatune.lm import CausalLMTask, generate, load_causal_lm, load_instruction_pairs
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.bitfit import BitFitConfig
+from deltatune.methods.combine import CombineConfig, export_parts
 from deltatune.methods.features import FeaturesConfig
 from deltatune.methods.freeze import FreezeConfig
 from deltatune.methods.full import FullConfig
@@ -40,6 +41,7 @@ from deltatune.methods.houlsby import HoulsbyConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.llama_adapter import LlamaAdapterConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.mam import MAMConfig
 from deltatune.methods.p_tuning import PromptEncoderConfig
 from deltatune.methods.p_tuning_v2 import PTuningV2Config
 from deltatune.methods.parallel_adapter import ParallelAdapterConfig
@@ -89,6 +91,7 @@ __all__ = [
     "CVConfig",
     "CausalLMTask",
     "CheckpointError",
+    "CombineConfig",
     "ConfigError",
     "DeltatuneError",
     "DistillConfig",
@@ -102,6 +105,7 @@ __all__ = [
     "IA3Config",
     "LlamaAdapterConfig",
     "LoraConfig",
+    "MAMConfig",
     "MethodConfig",
     "ModulesToSave",
     "PTuningV2Config",
@@ -130,6 +134,7 @@ __all__ = [
     "dropped_layers",
     "enable",
     "export_merged",
+    "export_parts",
     "fold_prefix",
     "forgetting",
     "fusion_regularization",

@@ -282,6 +282,13 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
     for n in names:
         if n in state_of(model).in_place_params:
             continue  # trained in place: the base weights already are the result
+        blocker = getattr(state_of(model).configs[n], "unmergeable_part", None)
+        part = blocker() if callable(blocker) else None  # a combination (methods/combine.py)
+        if part is not None:
+            raise DeltatuneError(
+                f"adapter '{n}' (combine): part {part} cannot be merged into the base weights; "
+                "merge only combinations of mergeable methods (lora, ia3, bitfit)"
+            )
         spec = get_method(state_of(model).configs[n].method_name)
         if not spec.capabilities.merge:
             raise DeltatuneError(

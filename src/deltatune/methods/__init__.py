@@ -3,6 +3,7 @@
 from deltatune.methods import (
     adalora,
     bitfit,
+    combine,
     features,
     freeze,
     full,
@@ -11,6 +12,7 @@ from deltatune.methods import (
     ia3,
     llama_adapter,
     lora,
+    mam,
     p_tuning,
     p_tuning_v2,
     parallel_adapter,
@@ -23,6 +25,7 @@ from deltatune.methods import (
 __all__ = [
     "adalora",
     "bitfit",
+    "combine",
     "features",
     "freeze",
     "full",
@@ -31,6 +34,7 @@ __all__ = [
     "ia3",
     "llama_adapter",
     "lora",
+    "mam",
     "p_tuning",
     "p_tuning_v2",
     "parallel_adapter",
