@@ -140,6 +140,16 @@ def test_target_matching_nothing_names_the_pattern(target: Any) -> None:
     pristine(model)
 
 
+def test_comma_separated_target_string_suggests_the_list_form() -> None:
+    # `method.target_modules=query,value` on the CLI arrives as one string, which PEFT's rule
+    # reads as a single regex; the error must say how to give two names.
+    model = make_bert()
+    with pytest.raises(dt.ConfigError) as err:
+        dt.inject(model, dt.LoraConfig(target_modules="query,value"))
+    assert "target_modules=[query,value]" in one_line(err)
+    pristine(model)
+
+
 def test_lora_on_layernorm_is_refused_without_half_injection() -> None:
     model = make_bert()
     # 'query' of layer 0 comes before the first matching LayerNorm in module order.

@@ -97,9 +97,17 @@ def select_modules(
         chosen = [n for n, _ in named if _matches(n, target_modules)]
     if not chosen:
         leaf_names = sorted({n.split(".")[-1] for n, m in named if not list(m.children())})
+        hint = ""
+        if isinstance(target_modules, str) and "," in target_modules:
+            # PEFT reads a string as one full-match regex; `key=a,b` on the CLI is such a string.
+            names = ",".join(t.strip() for t in target_modules.split(","))
+            hint = (
+                f"; a string is one full-match regular expression (PEFT's rule): for several "
+                f"names give a list, e.g. {field}=[{names}] on the command line"
+            )
         raise ConfigError(
             f"{field}={target_modules!r} matches no module of {type(model).__name__}; "
-            f"module names it has include: {', '.join(leaf_names[:25])}"
+            f"module names it has include: {', '.join(leaf_names[:25])}{hint}"
         )
     if exclude_modules:
         chosen = [n for n in chosen if not _matches(n, exclude_modules)]
