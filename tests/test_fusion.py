@@ -259,6 +259,47 @@ def test_fusion_regularization() -> None:
     assert dt.fusion_regularization(static).item() == 0.0
 
 
+def test_fit_applies_the_regularizer_through_the_training_hook() -> None:
+    from deltatune.train.trainer import TrainerConfig, fit, training_hooks
+
+    class ZeroLoss:
+        """A task with no loss of its own: only the hook's λ‖I − V‖² moves V."""
+
+        metric_names = ("accuracy",)
+
+        def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)  # type: ignore[return-value]
+
+        def evaluate(self, model: nn.Module, loader: object) -> dict[str, float]:
+            return {"accuracy": 0.0}
+
+    def trained_v(regularization: float) -> torch.Tensor:
+        model = task_adapters(n=2)
+        dt.inject(
+            model, dt.FusionConfig(adapter_names=["t0", "t1"], regularization=regularization), "f"
+        )
+        v = fused_layer(model).fusion["f"].value
+        with torch.no_grad():
+            v.weight.add_(0.1)  # move V off the identity so the regulariser has a gradient
+        start = v.weight.detach().clone()
+        (hook,) = [h for h in training_hooks(model) if hasattr(h, "extra_loss")]
+        assert (
+            abs(hook.extra_loss(model).item() - dt.fusion_regularization(model, "f").item()) < 1e-6
+        )
+        cfg = TrainerConfig(epochs=1, batch_size=1, learning_rate=1e-2, weight_decay=0.0)
+        fit(model, ZeroLoss(), [{"x": torch.zeros(1)}] * 2, None, cfg, collate_fn=lambda b: b[0])
+        return (v.weight.detach() - start).norm()
+
+    assert trained_v(0.0).item() == 0.0
+    assert trained_v(10.0).item() > 1e-3
+
+    model = task_adapters(n=2)
+    dt.inject(model, dt.FusionConfig(adapter_names=["t0", "t1"]), "f")
+    (hook,) = [h for h in training_hooks(model) if hasattr(h, "extra_loss")]
+    dt.set_active(model, [])  # V frozen: the hook adds nothing
+    assert hook.extra_loss(model).item() == 0.0
+
+
 # --- errors -----------------------------------------------------------------------------------------
 
 

@@ -32,8 +32,9 @@ that adapter's output exactly). With ``V = I`` and uniform attention the output 
 the adapters' outputs; over a single adapter it is that adapter's output.
 
 The paper keeps ``V`` near the identity with ``λ‖I − V‖²`` added to the loss (λ = 0.01):
-:func:`fusion_regularization` computes it and :class:`FusionRegularizedTask` adds it to a
-trainer task's loss. :func:`fusion_weights` reads the attention weights of the last forward
+:func:`fusion_regularization` computes it; ``inject`` attaches a training hook
+(:class:`FusionRegularizationHook`) so :func:`deltatune.train.fit` and ``deltatune train`` add it
+to the loss while ``V`` trains. :func:`fusion_weights` reads the attention weights of the last forward
 pass per layer, so you can see which task adapters were used.
 
 A fusion adapter is injected like any method, naming the adapters it fuses (they must be on
@@ -61,6 +62,8 @@ from torch import nn
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.methods._bottleneck import ParallelAdapterLayer, SerialAdapterLayer, _like
 from deltatune.registry import Capabilities, MethodConfig, MethodSpec, register
+
+HOOK_PREFIX = "fusion:"
 
 
 @dataclasses.dataclass
@@ -271,8 +274,35 @@ def fusion_regularization(model: nn.Module, adapter_name: str | None = None) -> 
     return total
 
 
+class FusionRegularizationHook:
+    """Training hook that adds one fusion adapter's ``λ‖I − V‖²`` to every training loss.
+
+    ``inject`` attaches it, so :func:`deltatune.train.fit` (and with it ``deltatune train``)
+    applies the paper's regulariser without a custom task. It adds nothing while the fusion's
+    ``V`` is frozen (not the active, trained adapter) or after the adapter was deleted.
+    """
+
+    def __init__(self, adapter_name: str) -> None:
+        self.adapter_name = adapter_name
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor:
+        from deltatune.model import state_of
+
+        if isinstance(state_of(model).configs.get(self.adapter_name), FusionConfig) and any(
+            f.value is not None and f.value.weight.requires_grad
+            for _, f in _fusion_layers(model, self.adapter_name)
+        ):
+            return fusion_regularization(model, self.adapter_name)
+        ref = next(model.parameters(), None)
+        return torch.zeros((), device=ref.device if ref is not None else None)
+
+
 class FusionRegularizedTask:
-    """A trainer task whose loss adds :func:`fusion_regularization` (for ``train.fit``)."""
+    """A task whose loss adds :func:`fusion_regularization`, for a hand-written training loop.
+
+    :func:`deltatune.train.fit` needs no wrapper: it applies :class:`FusionRegularizationHook`,
+    which ``inject`` attaches (wrapping the task as well would count the term twice).
+    """
 
     def __init__(self, task: Any) -> None:
         self.task = task
@@ -290,6 +320,7 @@ class FusionRegularizedTask:
 def inject_fusion(model: nn.Module, config: FusionConfig, adapter_name: str) -> None:
     from deltatune.checkpoint import load_adapter
     from deltatune.model import adapter_layers, delete, state_of
+    from deltatune.train.trainer import add_training_hook
 
     state = state_of(model)
     loaded: list[str] = []
@@ -342,6 +373,7 @@ def inject_fusion(model: nn.Module, config: FusionConfig, adapter_name: str) -> 
         for name in reversed(loaded):
             delete(model, name)
         raise
+    add_training_hook(model, HOOK_PREFIX + adapter_name, FusionRegularizationHook(adapter_name))
 
 
 register(
