@@ -69,6 +69,9 @@ def test_inject_quantises_every_linear_but_the_head() -> None:
     # 4-bit rounding moves the logits a little, not a lot
     assert 0 < (start - float_out).abs().max() < 0.2 * float_out.abs().max()
     assert dt.trainable_report(model).trainable == 4096
+    # the packed 4-bit weights count as the weights they stand for: same total as the float model
+    float_total = sum(p.numel() for p in float_model.parameters())
+    assert dt.trainable_report(model).total == float_total + 4096
     # nothing of the base trains
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 

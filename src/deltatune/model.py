@@ -356,8 +356,13 @@ class TrainableReport:
 def trainable_report(model: nn.Module) -> TrainableReport:
     """Count trainable and total parameters, grouped by the kind of tensor trained.
 
-    Parameters shared between modules are counted once.
+    Parameters shared between modules are counted once. The weights of a quantised (QLoRA)
+    base are packed codes in buffers, not parameters; they count as the
+    ``in_features x out_features`` weights they stand for, so the total (and the trainable
+    percentage) is the same as for the float model.
     """
+    from deltatune.targeting import is_quant_linear
+
     seen: set[int] = set()
     trainable = total = 0
     groups: dict[str, int] = {}
@@ -370,6 +375,9 @@ def trainable_report(model: nn.Module) -> TrainableReport:
             trainable += p.numel()
             group = _group_name(name)
             groups[group] = groups.get(group, 0) + p.numel()
+    for module in model.modules():
+        if is_quant_linear(module):
+            total += int(module.in_features) * int(module.out_features)
     return TrainableReport(trainable, total, groups)
 
 
