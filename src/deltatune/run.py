@@ -305,6 +305,13 @@ def _has_field(config: MethodConfig, name: str) -> bool:
 
 def train_run(cfg: RunConfig, *, resume: bool = False, echo: Any = print) -> RunResult:
     """Run the whole job; returns the metrics written to ``metrics.json``."""
+    from deltatune.train.distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 alone reports progress
+
+        def echo(*args: Any, **kwargs: Any) -> None:
+            return None
+
     if cfg.model.task == "causal-lm":
         from deltatune.lm.sft import train_causal_run
 
