@@ -361,7 +361,7 @@ def trainable_report(model: nn.Module) -> TrainableReport:
     ``in_features x out_features`` weights they stand for, so the total (and the trainable
     percentage) is the same as for the float model.
     """
-    from deltatune.targeting import is_quant_linear
+    from deltatune.quant.linear import QuantLinear
 
     seen: set[int] = set()
     trainable = total = 0
@@ -376,8 +376,8 @@ def trainable_report(model: nn.Module) -> TrainableReport:
             group = _group_name(name)
             groups[group] = groups.get(group, 0) + p.numel()
     for module in model.modules():
-        if is_quant_linear(module):
-            total += int(module.in_features) * int(module.out_features)
+        if isinstance(module, QuantLinear):
+            total += module.in_features * module.out_features
     return TrainableReport(trainable, total, groups)
 
 
