@@ -822,6 +822,53 @@ CASES_BY_METHOD: dict[str, list[Case]] = {
             starts_like=None,
         ),
     ],
+    # UniPELT: gated LoRA (r = 4) on q/v + a gated prefix (n = 4, direct) + a gated Pfeiffer
+    #   adapter, one adapter. Per layer: gates G_L, G_P (Linear(32, 1): 33 each) = 66 and
+    #   G_A 33; the prefix as in the mam cases.
+    "unipelt": [
+        # LoRA q, v 2 * 256 = 512 + gates 66 + adapter m = 8: 552 + G_A 33 = 1163 per layer;
+        #   * 2 = 2326; prefix 4 * (2 * 2 * 32) = 512; classifier copy 99 -> 2937
+        Case(
+            "bert-unipelt-seqcls",
+            "bert",
+            "unipelt",
+            {
+                "r": 4,
+                "num_virtual_tokens": 4,
+                "prefix_projection": False,
+                "bottleneck_size": 8,
+                "task_type": "SEQ_CLS",
+            },
+            2937,
+            starts_like=None,
+        ),
+        # GQA: LoRA q 4*(32+32) = 256, v 4*(32+16) = 192; gates 66; default m = 32 // 16 = 2:
+        #   162 + G_A 33 -> 709 per layer, * 2 = 1418; prefix 4 * (2 * 2 * 16) = 256 -> 1674
+        Case(
+            "llama-unipelt-zero",
+            "llama",
+            "unipelt",
+            {"r": 4, "num_virtual_tokens": 4, "prefix_projection": False, "prefix_init": "zero"},
+            1674,
+            starts_like=None,
+        ),
+        # LoRA on the fused c_attn 4*(32+96) = 512; gates 66; adapter m = 8 + LN 616 + G_A 33
+        #   -> 1227 per layer, * 2 = 2454; prefix 512 -> 2966
+        Case(
+            "gpt2-unipelt-ln",
+            "gpt2",
+            "unipelt",
+            {
+                "r": 4,
+                "num_virtual_tokens": 4,
+                "prefix_projection": False,
+                "bottleneck_size": 8,
+                "ln_before": True,
+            },
+            2966,
+            starts_like=None,
+        ),
+    ],
 }
 
 

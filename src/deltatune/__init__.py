@@ -49,6 +49,7 @@ from deltatune.methods.pfeiffer import PfeifferConfig
 from deltatune.methods.prefix_tuning import PrefixTuningConfig, fold_prefix
 from deltatune.methods.prompt_tuning import PromptTuningConfig
 from deltatune.methods.qlora import QLoraConfig
+from deltatune.methods.unipelt import UniPELTConfig
 from deltatune.model import (
     active_adapters,
     adapter_layers,
@@ -118,6 +119,7 @@ __all__ = [
     "PruneConfig",
     "QLoraConfig",
     "Stack",
+    "UniPELTConfig",
     "active_adapters",
     "adapter_drop",
     "adapter_layers",

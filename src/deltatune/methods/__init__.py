@@ -20,6 +20,7 @@ from deltatune.methods import (
     prefix_tuning,
     prompt_tuning,
     qlora,
+    unipelt,
 )
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "prefix_tuning",
     "prompt_tuning",
     "qlora",
+    "unipelt",
 ]
