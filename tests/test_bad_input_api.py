@@ -150,6 +150,28 @@ def test_comma_separated_target_string_suggests_the_list_form() -> None:
     pristine(model)
 
 
+def test_lora_target_inside_another_methods_wrapper_is_refused_not_skipped() -> None:
+    # Prefix tuning wraps whole attention modules; LoRA on q/v afterwards would sit inside that
+    # wrapper, so the error says to inject in the other order (it used to skip them silently).
+    model = make_bert()
+    dt.inject(model, dt.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=False), "p")
+    before = {n for n, _ in model.named_parameters()}
+    with pytest.raises(dt.ConfigError) as err:
+        dt.inject(model, dt.LoraConfig(r=2, target_modules=["query", "value"]), "lo")
+    msg = one_line(err)
+    assert "query" in msg and "p (prefix_tuning)" in msg and "inject lora first" in msg
+    assert {n for n, _ in model.named_parameters()} == before
+    # the other order works: every query and value gets LoRA
+    model = make_bert()
+    dt.inject(model, dt.LoraConfig(r=2, target_modules=["query", "value"]), "lo")
+    dt.inject(model, dt.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=False), "p")
+    n_layers = model.config.num_hidden_layers
+    assert (
+        sum(1 for n, _ in model.named_parameters() if n.endswith("lora_A.lo.weight"))
+        == 2 * n_layers
+    )
+
+
 def test_lora_on_layernorm_is_refused_without_half_injection() -> None:
     model = make_bert()
     # 'query' of layer 0 comes before the first matching LayerNorm in module order.

@@ -17,6 +17,7 @@ from torch import nn
 import deltatune as dt
 from conftest import ALL_CASES, CASES_BY_METHOD, Case, labelled_batches, run
 from deltatune.checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from deltatune.quant.linear import QuantLinear
 
 
 @pytest.fixture(params=ALL_CASES, ids=[c.id for c in ALL_CASES])
@@ -355,7 +356,10 @@ def test_unload(case: Case) -> None:
 
 def test_trainable_report_matches_hand_count(case: Case) -> None:
     model = case.make_model()
-    base_total = sum(p.numel() for p in model.parameters())
+    # a quantised base's packed weights count as the in x out weights they stand for
+    base_total = sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear)
+    )
     dt.inject(model, case.config())
     report = dt.trainable_report(model)
     assert report.trainable == case.trainable

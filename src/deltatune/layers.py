@@ -211,3 +211,50 @@ class ModulesToSave(AdapterLayer):
         if not active:
             return self.base_layer(*args, **kwargs)
         return self.modules_to_save[active[0]](*args, **kwargs)
+
+
+def adapter_path_kind(model: nn.Module, name: str) -> tuple[str, str | None]:
+    """Where module ``name`` sits relative to the model's adapter wrappers.
+
+    Returns ``("free", None)`` for a module outside every :class:`AdapterLayer`;
+    ``("adapter", outer)`` for a module that belongs to an adapter (its ``lora_A``, a
+    ``modules_to_save`` copy, ...) or is a wrapper's own ``base_layer`` (the wrapper stands
+    for it); ``("wrapped", outer)`` for a base module deeper inside another wrapper's
+    ``base_layer`` (e.g. a query projection inside an attention module that prefix tuning
+    wrapped), where ``outer`` names that wrapper.
+    """
+    parts = name.split(".")
+    wrapper: str | None = None
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        if isinstance(model.get_submodule(prefix), AdapterLayer):
+            if parts[i] != "base_layer" or i == len(parts) - 1:
+                return "adapter", prefix
+            wrapper = wrapper or prefix
+    return ("wrapped", wrapper) if wrapper is not None else ("free", None)
+
+
+def refuse_wrapped_target(model: nn.Module, name: str, method: str) -> bool:
+    """True when ``name`` belongs to an adapter (skip it); raise when it is wrapped by another.
+
+    A target inside another method's wrapper cannot be adapted there without changing that
+    wrapper's saved key names, so injecting in the other order is the fix the error names.
+    """
+    from deltatune.errors import ConfigError
+    from deltatune.model import state_of
+
+    kind, outer = adapter_path_kind(model, name)
+    if kind == "adapter":
+        return True
+    if kind == "wrapped":
+        wrapper = model.get_submodule(str(outer))
+        owners = [
+            f"{n} ({getattr(state_of(model).configs.get(n), 'method_name', '?')})"
+            for n in getattr(wrapper, "adapter_names", [])
+        ]
+        raise ConfigError(
+            f"{method} target '{name}' lies inside '{outer}', which adapter "
+            f"{', '.join(owners) or type(wrapper).__name__} wraps; inject {method} first and "
+            f"that adapter after it (in a combine config: list {method} before it)"
+        )
+    return False

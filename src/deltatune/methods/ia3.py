@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError, DeltatuneError
-from deltatune.layers import AdapterLayer
+from deltatune.layers import AdapterLayer, refuse_wrapped_target
 from deltatune.registry import Capabilities, MethodConfig, MethodSpec, register
 from deltatune.targeting import is_conv1d, select_modules, set_submodule
 
@@ -293,14 +293,6 @@ def _defaults(model: nn.Module, config: IA3Config) -> tuple[Any, Any]:
     return targets, feedforward
 
 
-def _inside_other_adapter(model: nn.Module, name: str) -> bool:
-    parts = name.split(".")
-    return any(
-        isinstance(model.get_submodule(".".join(parts[:i])), AdapterLayer)
-        for i in range(1, len(parts))
-    )
-
-
 def inject_ia3(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
     from deltatune.model import modules_to_save_of
 
@@ -314,7 +306,7 @@ def inject_ia3(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
     names = [
         n
         for n in select_modules(model, targets, exclude_modules=config.exclude_modules, skip=skip)
-        if not _inside_other_adapter(model, n)
+        if not refuse_wrapped_target(model, n, "ia3")
     ]
     if not isinstance(feedforward, str):
         unmatched = [f for f in feedforward if not any(n.endswith(f) for n in names)]

@@ -51,7 +51,7 @@ from deltatune.kernels import (
     linear_lora_dropout,
     lora_dropout_linear,
 )
-from deltatune.layers import AdapterLayer
+from deltatune.layers import AdapterLayer, refuse_wrapped_target
 from deltatune.registry import Capabilities, MethodConfig, MethodSpec, register
 from deltatune.targeting import is_conv1d, is_quant_linear, select_modules, set_submodule
 
@@ -541,25 +541,16 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None
         layers_pattern=config.layers_pattern,
         skip=skip,
     ):
+        if refuse_wrapped_target(model, name, "lora"):
+            continue
         module = model.get_submodule(name)
         if isinstance(module, AdapterLayer) and not isinstance(module, LORA_LAYER_TYPES):
             raise ConfigError(f"module '{name}' already carries a {type(module).__name__} adapter")
-        if _inside_other_adapter(model, name):
-            continue
         layer = module if isinstance(module, LORA_LAYER_TYPES) else _new_layer(name, module)
         r, alpha = config.rank_and_alpha(name)
         layer.add_adapter(adapter_name, config, r, alpha)
         if layer is not module:
             set_submodule(model, name, layer)
-
-
-def _inside_other_adapter(model: nn.Module, name: str) -> bool:
-    """True for a module that is part of an adapter (e.g. an existing ``lora_A`` Linear)."""
-    parts = name.split(".")
-    return any(
-        isinstance(model.get_submodule(".".join(parts[:i])), AdapterLayer)
-        for i in range(1, len(parts))
-    )
 
 
 register(
