@@ -146,7 +146,8 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
 
 def _strip_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter from every layer; unwrap layers left with no adapter."""
-    for name, layer in list(adapter_layers(model)):
+    # Innermost first: unwrapping an outer layer first would invalidate the inner one's path.
+    for name, layer in reversed(list(adapter_layers(model))):
         if adapter_name in layer.adapter_names:
             layer.delete_adapter(adapter_name)
         if not layer.adapter_names:
@@ -263,7 +264,7 @@ def delete(model: nn.Module, adapter_name: str) -> None:
 
         set_parallel(model, None)
         state.composition = None
-    for name, layer in list(adapter_layers(model)):
+    for name, layer in reversed(list(adapter_layers(model))):  # innermost first, as above
         layer.delete_adapter(adapter_name)
         if not layer.adapter_names:
             set_submodule(model, name, layer.base_layer)
