@@ -12,8 +12,10 @@ Quick tour::
 
 from deltatune import (
     _quiet,  # noqa: F401  (first: silences import-time log noise)
+    estimate,  # a callable module: deltatune.estimate(model, method, ...)
     strategies,  # adapt (MLM/SimCSE/causal LM), semisup, reward, DPO
 )
+from deltatune.advise import advise
 from deltatune.arch import ArchConfig
 from deltatune.checkpoint import (
     adapter_state_dict,
@@ -126,6 +128,7 @@ __all__ = [
     "adapter_names",
     "adapter_state_dict",
     "add_task",
+    "advise",
     "config_from_dict",
     "cross_validate",
     "delete",
@@ -135,6 +138,7 @@ __all__ = [
     "distillation_loss",
     "dropped_layers",
     "enable",
+    "estimate",
     "export_merged",
     "export_parts",
     "fold_prefix",

@@ -489,6 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
     from deltatune.strategies.commands import add_parsers as add_strategy_parsers
 
     add_strategy_parsers(sub)  # adapt, semisup, reward, dpo
+    from deltatune.estimate import add_parser as add_estimate_parser
+
+    add_estimate_parser(sub)  # estimate: memory / FLOPs / time of a training step
+
+    from deltatune.advise import add_parser as add_advise_parser
+
+    add_advise_parser(sub)
+
 
     p = sub.add_parser(
         "multitask", help="several tasks on one base, an adapter and a head per task"
