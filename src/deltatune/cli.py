@@ -497,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_advise_parser(sub)
 
+    from deltatune.compare import add_parser as add_compare_parser
+
+    add_compare_parser(sub)
 
     p = sub.add_parser(
         "multitask", help="several tasks on one base, an adapter and a head per task"
