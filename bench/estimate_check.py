@@ -11,7 +11,8 @@ with one real step of the same model and method, built with random weights of th
   profiler records (``profile_memory=True``); CUDA: ``torch.cuda.max_memory_allocated``.
 - ``counted``: weights + gradients + optimizer state + saved activations, as
   :mod:`deltatune.memory` counts them (what bench/lora_bench.py reports on CPU).
-- ``time``: median wall time of a few real steps vs FLOPs / measured matmul throughput.
+- ``time``: median wall time of a few real steps vs the estimate, FLOPs / measured matmul
+  throughput + non-matmul bytes / measured copy bandwidth (``mm s``: the FLOPs term alone).
 
 Target: |error| <= 10% on the peak for every row. Usage::
 
@@ -90,7 +91,7 @@ def run_row(
     real, task, vocab = build_real(model, method, **build_kwargs)
     dev = torch.device(device)
     batch = real_batch(task, kwargs["batch_size"], kwargs["seq_len"], vocab, dev)
-    measured = measure_step(real, batch, task=task, time_steps=2)
+    measured = measure_step(real, batch, task=task, time_steps=3)
     del real, batch
     gc.collect()
     row = {
@@ -114,6 +115,10 @@ def run_row(
         "estimated_activations": est.activations,
         "measured_activations": measured.activations,
         "estimated_step_s": round(est.step_time_s, 4),
+        # The FLOPs-only part (the estimate before the memory-traffic term was added).
+        "estimated_matmul_s": round(est.flops_per_step / est.device_flops_per_s, 4),
+        "memory_traffic_bytes": est.memory_traffic,
+        "device_bytes_per_s": est.device_bytes_per_s,
         "measured_step_s": round(measured.step_time_s, 4),
         "flops_per_step": est.flops_per_step,
     }
@@ -128,7 +133,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     configs = [c for c in CONFIGS if not (args.quick and c[1] == SMOLLM2)]
-    header = f"{'config':<36}{'est peak':>10}{'meas peak':>11}{'err':>8}{'counted err':>13}{'est s':>8}{'meas s':>8}{'trace s':>9}"
+    header = f"{'config':<36}{'est peak':>10}{'meas peak':>11}{'err':>8}{'counted err':>13}{'mm s':>7}{'est s':>8}{'meas s':>8}{'trace s':>9}"
     print(header)
     for label, model, method, settings in configs:
         row = run_row(label, model, method, settings, args.device)
@@ -137,7 +142,8 @@ def main() -> int:
         print(
             f"{label:<36}{row['estimated_peak'] / mib:>9.1f}M{row['measured_peak'] / mib:>10.1f}M"
             f"{row['peak_error_pct']:>+7.1f}%{row['counted_error_pct']:>+12.1f}%"
-            f"{row['estimated_step_s']:>8.2f}{row['measured_step_s']:>8.2f}{row['estimate_s']:>9.1f}",
+            f"{row['estimated_matmul_s']:>7.2f}{row['estimated_step_s']:>8.2f}"
+            f"{row['measured_step_s']:>8.2f}{row['estimate_s']:>9.1f}",
             flush=True,
         )
     worst = max(abs(r["peak_error_pct"]) for r in rows)

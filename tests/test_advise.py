@@ -27,6 +27,7 @@ from deltatune.advise import (
     PIECES_GAP_THRESHOLDS,
     Advice,
     advise,
+    components_line,
     data_regime,
     describe_model,
     level_from_gap,
@@ -509,6 +510,19 @@ def pretrain(model: torch.nn.Module, tok: Any, masked: bool) -> torch.nn.Module:
     return model.eval()
 
 
+def test_components_line_explains_the_sign_of_the_difference() -> None:
+    """The peak's difference from the sum of its parts reads as what it is, never as a bare
+    negative 'transient'."""
+    parts = {"weights": GIB // 4, "gradients": GIB // 4, "activations": GIB // 2, "peak": GIB}
+    above = components_line({**parts, "transient": GIB // 8})
+    below = components_line({**parts, "transient": -GIB // 8})
+    assert above.startswith("weights 0.250, gradients 0.250, activations 0.500 GiB")
+    assert above.endswith("+ 0.125 GiB transient buffers at the peak")
+    assert below.endswith("peak 0.125 GiB below their sum (not all of them are alive at once)")
+    assert "transient -" not in below and "-0.125" not in below
+    assert components_line({**parts, "transient": 0}).endswith("activations 0.500 GiB")
+
+
 def test_level_from_gap_thresholds() -> None:
     lo, hi = LOSS_GAP_THRESHOLDS
     assert level_from_gap(-2.0, LOSS_GAP_THRESHOLDS) == "high"
@@ -765,6 +779,40 @@ def test_real_estimator_shrinks_the_batch(config_only_dir: Path) -> None:
     assert "gradient_checkpointing" not in advice.train
     assert advice.peak_bytes == at_2 and at_2 <= budget
     assert sum("could not size qlora" in r for r in advice.reasons) == 2
+
+
+@pytest.mark.slow  # a few traced steps of the real estimator (most memoised by the test above)
+def test_real_estimator_sizes_qlora_on_a_config_only_bert(config_only_dir: Path) -> None:
+    """QLoRA on every linear layer of a config-only BERT folder is sized by the estimator (its
+    quantised layers are linear layers for ``all-linear``): below LoRA's peak the chain takes
+    QLoRA at the planned batch, and the estimate's parameter count is the float model's."""
+    from deltatune.estimate import estimate
+
+    model = str(config_only_dir)
+    kw = {"seq_len": 32, "task_type": "sequence-classification"}
+    lora_method = {
+        "name": "lora",
+        "r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "target_modules": "all-linear",
+    }
+    at_2 = estimate(model, lora_method, batch_size=2, **kw)
+    at_4 = estimate(model, lora_method, batch_size=4, **kw)
+    advice = advise(
+        model,
+        examples=2500,
+        num_classes=5,
+        similarity="medium",
+        memory_gib=(at_2.peak + at_4.peak) / 2 / GIB,
+        batch_size=4,
+        seq_len=32,
+    )
+    assert not any("could not size" in r for r in advice.reasons)
+    assert advice.method["name"] == "qlora" and "memory-qlora" in advice.rules
+    assert advice.fits is True and advice.train["batch_size"] == 4
+    assert advice.estimate.total_params == at_4.total_params
+    assert advice.estimate.weights < at_4.weights
 
 
 @pytest.mark.slow  # reads the embedded MiniLM's tokenizer and BBC News

@@ -322,3 +322,135 @@ def test_cli_table_and_errors(tmp_path: Any, capsys: pytest.CaptureFixture[str])
     assert "is not a folder" in capsys.readouterr().err
     assert main(["estimate", "--model", folder, "train.epochs=3"]) == 2
     assert "only method.<key>=value" in capsys.readouterr().err
+
+
+def test_max_batch_size_needs_three_traces_when_the_peak_is_affine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Batch 1 and 2 predict the answer and one trace at it verifies it (LoRA on BERT is
+    exactly affine in the batch); the answer is the one estimate() agrees with."""
+    import deltatune.estimate as module
+
+    method = {"name": "lora", "r": 4, "target_modules": "all-linear"}
+    kw: dict[str, Any] = {"seq_len": 24, "device": "cpu"}
+    one = estimate(BERT, method, batch_size=1, **kw).peak
+    slope = estimate(BERT, method, batch_size=2, **kw).peak - one
+    budget = one + 40 * slope + slope // 2  # 41 fits, 42 does not
+    module._MEMO.clear()
+    probed: list[int] = []
+    real_trace = module._trace_step
+
+    def counting_trace(*args: Any, **kwargs: Any) -> Any:
+        probed.append(kwargs["batch_size"])
+        return real_trace(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_trace_step", counting_trace)
+    best = max_batch_size(BERT, method, budget, **kw)
+    assert probed == [1, 2, 41]
+    assert best == 41
+    assert estimate(BERT, method, batch_size=41, **kw).peak <= budget
+    assert estimate(BERT, method, batch_size=42, **kw).peak > budget
+
+
+def test_max_batch_size_searches_when_the_prediction_is_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peak that is not affine (here: a step function added to the real estimate) makes the
+    verification disagree; the bracketed search still ends on two adjacent traced batches."""
+    import deltatune.estimate as module
+
+    method = {"name": "lora", "r": 4}
+    kw: dict[str, Any] = {"seq_len": 24, "device": "cpu"}
+    one = estimate(BERT, method, batch_size=1, **kw).peak
+    slope = estimate(BERT, method, batch_size=2, **kw).peak - one
+    real_estimate = module.estimate
+    module._MEMO.clear()  # every probe goes through the bumpy estimate below
+
+    def bumpy(model: Any, m: Any, **kwargs: Any) -> Any:
+        est = real_estimate(model, m, **kwargs)
+        b = kwargs["batch_size"]
+        est.peak += (b >= 10) * 6 * slope + (b * b % 7) * (slope // 10)  # a jump, then noise
+        return est
+
+    monkeypatch.setattr(module, "estimate", bumpy)
+    budget = one + 30 * slope
+    best = max_batch_size(BERT, method, budget, **kw)
+    assert bumpy(BERT, method, batch_size=best, **kw).peak <= budget
+    assert bumpy(BERT, method, batch_size=best + 1, **kw).peak > budget
+
+
+def test_qlora_counts_the_quantised_weights_as_parameters() -> None:
+    """Totals match the float model (a quantised layer stands for in x out weights), and so
+    does the trainable percentage."""
+    lora = {"name": "lora", "r": 4, "target_modules": "all-linear"}
+    float_model = estimate(BERT, lora, batch_size=1, seq_len=8, device="cpu")
+    full = estimate(BERT, None, batch_size=1, seq_len=8, device="cpu")
+    qlora = estimate(
+        BERT,
+        {"name": "qlora", "r": 4, "target_modules": "all-linear"},
+        batch_size=1,
+        seq_len=8,
+        device="cpu",
+    )
+    assert qlora.total_params == float_model.total_params
+    assert qlora.trainable_params == float_model.trainable_params
+    # The float base is all there: every weight of the full model, plus LoRA's matrices.
+    assert qlora.total_params > full.total_params == _real_params()
+
+
+def _real_params() -> int:
+    torch.manual_seed(0)
+    real, _, _ = build_real(BERT, None, device="cpu")
+    return sum(p.numel() for p in real.parameters())
+
+
+def test_qlora_on_a_config_only_bert_folder(tmp_path: Any) -> None:
+    """A BERT folder with only config.json: QLoRA on every linear layer is estimated (the
+    quantised layers are linear layers for ``all-linear``), with NF4 weights."""
+    folder = _folder(tmp_path, {**BERT, "architectures": ["BertForSequenceClassification"]})
+    method = {"name": "qlora", "r": 4, "target_modules": "all-linear", "quantize": "nf4"}
+    est = estimate(folder, method, batch_size=2, seq_len=16, device="cpu")
+    lora_method = {"name": "lora", "r": 4, "target_modules": "all-linear"}
+    lora = estimate(folder, lora_method, batch_size=2, seq_len=16, device="cpu")
+    assert est.method == "qlora" and est.quantize == "nf4"
+    assert est.trainable_params == lora.trainable_params
+    assert est.weights < lora.weights
+
+
+def test_table_explains_the_sign_of_the_adjustment() -> None:
+    """Full fine-tuning's peak is below the sum of its parts (early activations are freed
+    before the last gradients exist); LoRA's is above (transient buffers). Neither prints a
+    bare negative 'transient'."""
+    full = estimate(BERT, None, batch_size=4, seq_len=32, device="cpu")
+    lora = estimate(BERT, {"name": "lora", "r": 4}, batch_size=4, seq_len=32, device="cpu")
+    assert full.peak == full.counted_peak + full.transient
+    for est in (full, lora):
+        text = est.table()
+        assert "sum of the above" in text
+        assert "transient -" not in text
+        sign = "+" if est.transient >= 0 else "-"
+        adjustment = next(line for line in text.splitlines() if "at the peak:" in line)
+        assert adjustment.split()[0] == sign
+        expected = "transient buffers on top" if est.transient >= 0 else "peak < sum"
+        assert expected in adjustment
+
+
+def test_step_time_adds_a_memory_traffic_term() -> None:
+    """Step time = FLOPs / matmul throughput + traffic / bandwidth. The traffic is affine in
+    the batch (the optimizer's update is constant, every activation op scales with it), and
+    AdamW moves at least 7 more bytes per weight byte than plain SGD: it reads the gradient
+    and both moments and writes both moments again, where SGD touches only weight and grad."""
+    kw: dict[str, Any] = {"seq_len": 16, "device": "cpu"}
+    at = {b: estimate(BERT, None, batch_size=b, **kw) for b in (2, 4, 8)}
+    e = at[2]
+    assert e.memory_traffic > 0 and e.device_bytes_per_s > 0
+    assert e.step_time_s == pytest.approx(
+        e.flops_per_step / e.device_flops_per_s + e.memory_traffic / e.device_bytes_per_s
+    )
+    assert at[8].memory_traffic - at[2].memory_traffic == 3 * (
+        at[4].memory_traffic - at[2].memory_traffic
+    )
+    sgd = estimate(BERT, None, batch_size=2, optimizer="sgd", **kw)
+    weight_bytes = 4 * e.trainable_params
+    assert e.memory_traffic - sgd.memory_traffic >= 7 * weight_bytes
+    assert "+ other ops" in e.table()

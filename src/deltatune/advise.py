@@ -307,11 +307,7 @@ class Advice:
         ]
         parts = estimate_components(self.estimate)
         if parts:
-            lines.append(
-                "              "
-                + ", ".join(f"{k} {v / GIB:.3f}" for k, v in parts.items() if k != "peak")
-                + " GiB"
-            )
+            lines.append("              " + components_line(parts))
         lines += ["", "why"]
         lines += [f"  - {r}" for r in self.reasons]
         if self.alternatives:
@@ -398,6 +394,22 @@ def estimate_components(est: Any) -> dict[str, int]:
         if isinstance(value, int | float) and not isinstance(value, bool):
             out[key] = int(value)
     return out
+
+
+def components_line(parts: dict[str, int]) -> str:
+    """The peak's parts in words, e.g. ``weights 0.157, ..., activations 0.382 GiB; + 0.597 GiB
+    transient buffers at the peak``. ``transient`` (``peak - sum of the parts``) is signed: a
+    negative one means the parts are not all alive at the moment of the peak."""
+    counted = [k for k in parts if k not in ("transient", "peak")]
+    line = ", ".join(f"{k} {parts[k] / GIB:.3f}" for k in counted) + " GiB"
+    extra = parts.get("transient")
+    if extra is None or extra == 0:
+        return line
+    if extra > 0:
+        return line + f"; + {extra / GIB:.3f} GiB transient buffers at the peak"
+    return (
+        line + f"; peak {-extra / GIB:.3f} GiB below their sum (not all of them are alive at once)"
+    )
 
 
 # --------------------------------------------------------------------------- model info

@@ -20,11 +20,14 @@ Memory of one step (bytes)::
                   >= 4096 elements, 32-bit otherwise; sgd: 0; sgd_momentum: 1 x trainable
     activations = unique storages autograd saves for backward (parameters excluded), exactly
                   as deltatune.memory.count_saved counts them on a real step
-    transient   = working buffers on top of that at the step's peak (gradients of the largest
-                  activations at the start of backward, the logits the model returns, the
-                  dequantised weight of a quantised layer, a recomputed block under gradient
-                  checkpointing), read off the simulated allocation ledger
-    peak        = weights + adapter + optimizer + max over the step of (live working bytes)
+    peak        = weights + adapter + optimizer + max over the step of (live working bytes),
+                  read off the simulated allocation ledger
+    transient   = peak - (weights + adapter + gradients + optimizer + activations): signed.
+                  Positive: working buffers on top of the sum at the peak (gradients of the
+                  largest activations at the start of backward, the logits the model returns,
+                  the dequantised weight of a quantised layer, a recomputed block under
+                  gradient checkpointing). Negative: not all of the sum is alive at once
+                  (activations are freed during backward while the gradients appear)
 
 so that ``peak`` is the allocator-level high-water mark (``torch.cuda.max_memory_allocated``
 on CUDA), and ``weights + adapter + gradients + optimizer + activations`` is the counted peak
@@ -39,8 +42,11 @@ weight per matmul.
 FLOPs per step are the forward + backward FLOPs of matmuls and attention (``2·m·n·k`` per
 ``(m,k)@(k,n)``); backward through a frozen weight computes only the input gradient (one matmul
 instead of two), which the count follows because autograd skips the weight gradient. The step
-time estimate is ``FLOPs / throughput``, where the throughput is a large float32 (bfloat16 on
-CUDA) matmul timed once per process on the current device.
+time estimate is ``FLOPs / throughput + traffic / bandwidth``: the throughput is a large float32
+(bfloat16 on CUDA) matmul timed once per process on the current device; ``traffic`` is the bytes
+every other op of the trace (elementwise, norms, softmax, copies, the optimizer's update; views
+excluded) reads and writes, and the bandwidth a large copy timed once per process. Python and
+kernel-launch overheads are not in it: it is a lower bound.
 
 Python::
 
@@ -84,6 +90,10 @@ TASKS = {
 #: bitsandbytes' 8-bit optimisers keep tensors smaller than this in 32 bits (``min_8bit_size``).
 BNB_MIN_8BIT_SIZE = 4096
 BNB_BLOCK = 256
+#: :func:`max_batch_size` takes a traced peak as the affine prediction when they differ by at
+#: most this fraction of the per-example slope (gradient checkpointing's per-block share is an
+#: integer division: a few bytes off the line).
+AFFINE_TOLERANCE = 1e-3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,9 +103,11 @@ BNB_BLOCK = 256
 class Estimate:
     """Memory (bytes), FLOPs and time of one training step; see the module docstring.
 
-    ``peak = weights + adapter + optimizer + working peak``, where the working peak (gradients,
-    activations and transients live at the worst moment) is at most
-    ``gradients + activations + transient``.
+    ``peak = weights + adapter + optimizer + working peak`` (gradients, activations and working
+    buffers alive at the worst moment) ``= counted_peak + transient``. ``transient`` is signed:
+    positive when working buffers sit on top of all the counted tensors at the peak, negative
+    when not all counted tensors are alive at once (full fine-tuning: the early activations
+    are freed before the last gradients exist).
     """
 
     model: str
@@ -122,6 +134,9 @@ class Estimate:
     forward_flops: float
     step_time_s: float
     device_flops_per_s: float
+    #: Bytes the non-matmul ops read and write (elementwise, norms, softmax, optimizer update).
+    memory_traffic: int = 0
+    device_bytes_per_s: float = 0.0
 
     @property
     def optimizer_bytes(self) -> int:
@@ -133,6 +148,19 @@ class Estimate:
         :mod:`deltatune.memory` counts on a real step (no transient buffers)."""
         return (
             self.weights + self.adapter + self.gradients + self.optimizer_state + self.activations
+        )
+
+    @property
+    def adjustment_note(self) -> str:
+        """What ``transient = peak - counted_peak`` means, for its sign."""
+        if self.transient >= 0:
+            return (
+                "at the peak: transient buffers on top of the sum (gradients of the largest "
+                "activations, logits, dequantised weights, recomputed blocks)"
+            )
+        return (
+            "at the peak: peak < sum, not all of the above are alive at once (activations "
+            "are freed during backward while gradients appear)"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,7 +191,6 @@ class Estimate:
             ("gradients", self.gradients),
             ("optimizer state", self.optimizer_state),
             ("activations", self.activations),
-            ("transient", self.transient),
         ]
         lines = [
             head,
@@ -172,14 +199,20 @@ class Estimate:
         ]
         for name, value in rows:
             lines.append(f"{name:<20}{_fmt_bytes(value):>12}")
+        lines.append(f"{'sum of the above':<20}{_fmt_bytes(self.counted_peak):>12}")
+        lines.append(f"{'':<20}{_signed_bytes(self.transient):>12}   {self.adjustment_note}")
         lines.append(f"{'peak':<20}{_fmt_bytes(self.peak):>12}")
         lines.append(
             f"{'FLOPs per step':<20}{self.flops_per_step:>12.3e}   "
             f"(forward {self.forward_flops:.3e})"
         )
+        matmul_s = self.flops_per_step / self.device_flops_per_s
         lines.append(
             f"{'step time':<20}{_fmt_seconds(self.step_time_s):>12}   "
-            f"(at {self.device_flops_per_s / 1e9:,.1f} GFLOP/s measured on {self.device})"
+            f"(matmuls {_fmt_seconds(matmul_s)} at {self.device_flops_per_s / 1e9:,.1f} GFLOP/s"
+            f" + other ops {_fmt_seconds(self.step_time_s - matmul_s)} moving "
+            f"{_fmt_bytes(self.memory_traffic)} at {self.device_bytes_per_s / 1e9:,.1f} GB/s, "
+            f"measured on {self.device}; a lower bound)"
         )
         return "\n".join(lines)
 
@@ -189,6 +222,10 @@ def _fmt_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def _signed_bytes(n: float) -> str:
+    return ("+" if n >= 0 else "-") + " " + _fmt_bytes(abs(n))
 
 
 def _fmt_seconds(s: float) -> str:
@@ -437,6 +474,9 @@ class _Ledger:
         self.exclude = exclude
         #: Key lengths the attention ops saw (virtual tokens lengthen them).
         self.key_lengths: list[int] = []
+        #: Bytes read + written by the ops that are not matmuls / attention (elementwise,
+        #: norms, softmax, copies, the optimizer's updates); views move nothing.
+        self.traffic = 0
         self.live = 0
         self.peak = 0
         self._refs: dict[int, int] = {}
@@ -469,17 +509,21 @@ class _Ledger:
             del self._refs[key]
 
 
-def _ledger_mode(ledger: _Ledger) -> Any:
+def _ledger_mode(ledger: _Ledger, compute_ops: set[Any] = frozenset()) -> Any:  # type: ignore[assignment]
+    """The dispatch mode that feeds ``ledger``: storages, key lengths and memory traffic
+    (bytes read + written by every op outside ``compute_ops``, the FLOP-counted ones)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    def storage_keys(values: Any) -> set[int]:
-        keys = set()
-        for t in tree_flatten(values)[0]:
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    keys.add(t.untyped_storage()._cdata)
-        return keys
+    def plain_tensors(values: Any) -> list[torch.Tensor]:
+        return [
+            t
+            for t in tree_flatten(values)[0]
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided
+        ]
+
+    def nbytes(tensors: list[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if not _is_wrapper_subclass(t))
 
     class _LedgerMode(TorchDispatchMode):
         def __torch_dispatch__(
@@ -489,13 +533,18 @@ def _ledger_mode(ledger: _Ledger) -> Any:
             if "scaled_dot_product" in func.__name__ and len(args) > 1:
                 ledger.key_lengths.append(int(args[1].shape[-2]))  # (batch, heads, keys, dim)
             out = func(*args, **kwargs)
+            ins, outs = plain_tensors((args, kwargs)), plain_tensors(out)
+            if func.overloadpacket not in compute_ops and not func.is_view:
+                ledger.traffic += nbytes(ins) + nbytes(outs)
             # An output on an input's storage (a view, an in-place update) allocates nothing;
             # if that storage predates the ledger (weights, optimizer state) it is not working
             # memory at all.
-            inputs = storage_keys((args, kwargs))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    ledger.add(t, aliases=inputs)
+            inputs = set()
+            for t in ins:
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    inputs.add(t.untyped_storage()._cdata)
+            for t in outs:
+                ledger.add(t, aliases=inputs)
             return out
 
     return _LedgerMode()
@@ -514,6 +563,7 @@ class _Trace:
     total_params: int
     trainable_params: int
     trainable_shapes: list[tuple[int, int]]
+    traffic: int
 
 
 def _fakeify(model: nn.Module, mode: Any, device: torch.device) -> None:
@@ -672,8 +722,9 @@ def _trace_step(
         ledger = _Ledger(exclude | {t.untyped_storage()._cdata for t in batch.values()})
         opt = _make_optimizer(trainable, optimizer, foreach=device.type == "cuda")
         counter = FlopCounterMode(display=False)
+        compute_ops = set(counter.flop_registry)
         with counter:
-            with _ledger_mode(ledger):
+            with _ledger_mode(ledger, compute_ops):
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     loss = task_loss(model, batch, spec.task)
                 forward_flops = float(counter.get_total_flops())
@@ -684,10 +735,13 @@ def _trace_step(
             # The optimizer state exists in a steady-state step: create it outside the ledger
             # (it is counted as optimizer state), then trace a second step's temporaries.
             opt.step()
-            with _ledger_mode(ledger):
+            with _ledger_mode(ledger, compute_ops):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
     stack.close()
+    from deltatune.model import trainable_report
+
+    report = trainable_report(model)
     return _Trace(
         saved=sum(saved.values()),
         forward_flops=forward_flops,
@@ -697,9 +751,12 @@ def _trace_step(
         weights=weights_all - adapter,
         adapter=adapter,
         gradients=adapter,
-        total_params=sum(p.numel() for p in params),
-        trainable_params=sum(p.numel() for p in trainable),
+        # A quantised layer's packed codes are buffers: count the weights they stand for, as
+        # deltatune.trainable_report does, so the totals match the float model's.
+        total_params=report.total,
+        trainable_params=report.trainable,
         trainable_shapes=[(p.numel(), p.element_size()) for p in trainable],
+        traffic=ledger.traffic,
     )
 
 
@@ -826,6 +883,29 @@ def device_throughput(device: str | torch.device | None = None) -> float:
     return _THROUGHPUT[key]
 
 
+_BANDWIDTH: dict[str, float] = {}
+
+
+def device_bandwidth(device: str | torch.device | None = None) -> float:
+    """Measured memory bandwidth of ``device`` in bytes/s: a 64 MiB (CUDA: 1 GiB) copy reads
+    and writes ``2 x size`` bytes; best of 4; cached per process."""
+    dev = torch.device(device) if device is not None else _current_device()
+    key = str(dev)
+    if key not in _BANDWIDTH:
+        size = 2**26 if dev.type == "cpu" else 2**30
+        src = torch.ones(size, dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        best = math.inf
+        for _ in range(4):
+            _sync(dev)
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            _sync(dev)
+            best = min(best, time.perf_counter() - t0)
+        _BANDWIDTH[key] = 2.0 * size / best
+    return _BANDWIDTH[key]
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -891,22 +971,11 @@ def estimate(
     """
     _check_args(batch_size, seq_len, dtype, quantize, optimizer)
     dev = torch.device(device) if device is not None else _current_device()
-    memo_key = None
-    if not isinstance(model, nn.Module):
-        settings = [batch_size, seq_len, dtype, quantize, optimizer, gradient_checkpointing]
-        memo_key = json.dumps(
-            [
-                str(model) if isinstance(model, Path) else model,
-                method,
-                settings,
-                task_type,
-                str(dev),
-            ],
-            sort_keys=True,
-            default=str,
-        )
-        if memo_key in _MEMO:
-            return dataclasses.replace(_MEMO[memo_key])
+    memo = _memo_for(
+        model, method, seq_len, dtype, quantize, optimizer, gradient_checkpointing, task_type, dev
+    )
+    if memo is not None and batch_size in memo:
+        return dataclasses.replace(memo[batch_size])
     result = _estimate(
         model,
         method,
@@ -919,13 +988,37 @@ def estimate(
         task_type,
         dev,
     )
-    if memo_key is not None:
-        _MEMO[memo_key] = dataclasses.replace(result)
+    if memo is not None:
+        memo[batch_size] = dataclasses.replace(result)
     return result
 
 
-#: Estimates already traced in this process (model given by name/config), by their arguments.
-_MEMO: dict[str, Estimate] = {}
+#: Estimates already traced in this process (model given by name/config): by every argument
+#: but the batch size, then by the batch size (max_batch_size reuses the traced ones).
+_MEMO: dict[str, dict[int, Estimate]] = {}
+
+
+def _memo_for(
+    model: Any,
+    method: Mapping[str, Any] | None,
+    seq_len: int,
+    dtype: str,
+    quantize: str | None,
+    optimizer: str,
+    gradient_checkpointing: bool,
+    task_type: str | None,
+    dev: torch.device,
+) -> dict[int, Estimate] | None:
+    """The memo of estimates with these settings, by batch size (None for a live module)."""
+    if isinstance(model, nn.Module):
+        return None
+    settings = [seq_len, dtype, quantize, optimizer, gradient_checkpointing]
+    key = json.dumps(
+        [str(model) if isinstance(model, Path) else model, method, settings, task_type, str(dev)],
+        sort_keys=True,
+        default=str,
+    )
+    return _MEMO.setdefault(key, {})
 
 
 def _estimate(
@@ -968,23 +1061,26 @@ def _estimate(
         # model from a second trace without checkpointing caps it: the kept block inputs,
         # plus one block recomputed (its share of the full activations), plus the transient
         # buffers seen without checkpointing. Where the ledger does see the releases (LLaMA)
-        # it is exact and the lower of the two.
-        plain, _, _ = _build(
-            spec,
+        # it is exact and the lower of the two. The step without checkpointing is its own
+        # estimate (memoised: advise and max_batch_size often ask for it as well).
+        full = estimate(
+            model,
             method,
-            dtype=torch_dtype,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            dtype=dtype,
             quantize=quantize,
+            optimizer=optimizer,
             gradient_checkpointing=False,
+            task_type=task_type,
             device=dev,
         )
-        full = _trace_step(
-            plain, spec, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, device=dev
-        )
         blocks = max(_num_blocks(built), 1)
-        transient_plain = full.working_peak - full.saved - full.gradients
-        recompute = max(full.saved - trace.saved, 0) // blocks
+        transient_plain = full.peak - full.counted_peak
+        recompute = max(full.activations - trace.saved, 0) // blocks
         peak = min(peak, counted + recompute + max(transient_plain, 0))
     throughput = device_throughput(dev)
+    bandwidth = device_bandwidth(dev)
     return Estimate(
         model=spec.label,
         method=method_name,
@@ -1008,8 +1104,10 @@ def _estimate(
         peak=peak,
         flops_per_step=trace.total_flops,
         forward_flops=trace.forward_flops,
-        step_time_s=trace.total_flops / throughput,
+        step_time_s=trace.total_flops / throughput + trace.traffic / bandwidth,
         device_flops_per_s=throughput,
+        memory_traffic=trace.traffic,
+        device_bytes_per_s=bandwidth,
     )
 
 
@@ -1027,13 +1125,27 @@ def max_batch_size(
     device: str | torch.device | None = None,
     limit: int = 1 << 16,
 ) -> int:
-    """The largest batch size whose estimated peak fits in ``budget_bytes`` (0 if none does).
+    """The largest batch size ``b <= limit`` whose estimated peak fits in ``budget_bytes``
+    (0 if batch 1 does not fit), consistent with :func:`estimate`: ``estimate(b).peak <=
+    budget_bytes < estimate(b + 1).peak``.
 
-    The peak is affine in the batch size: traces at 1 and 2 predict the answer, and a few more
-    traces around it confirm it (each probe is one fake trace; results are memoised).
+    The peak is affine in the batch size, ``peak(b) = peak(1) + (b - 1)·s``: weights,
+    gradients and optimizer state do not depend on ``b``, and every activation and transient
+    buffer has ``b`` as a factor. Two traced batch sizes (1 and 2, or 1 and the largest one
+    already traced with these settings, e.g. the planned batch) give ``s`` and the candidate
+    ``c = 1 + ⌊(budget - peak(1)) / s⌋``; one more trace verifies it. When the traced
+    ``peak(c)`` is the affine prediction (within :data:`AFFINE_TOLERANCE` of ``s``) and
+    ``peak(c) + s`` exceeds the budget by more than that tolerance, ``c`` is the answer (three
+    estimates, fewer when some are memoised; each is one trace, two with checkpointing). Otherwise (a peak that moves from one phase
+    of the step to another as the batch grows, or a budget within the tolerance of a
+    boundary) a bracketed search goes on with secant guesses between traced points (bisection
+    when they stall) until two adjacent batch sizes are traced, one fitting and one not.
     """
     if budget_bytes <= 0:
         raise ConfigError(f"budget_bytes={budget_bytes!r} must be positive (e.g. 4 * 2**30)")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ConfigError(f"limit={limit!r} must be a positive integer (e.g. 65536)")
+    _check_args(1, seq_len, dtype, quantize, optimizer)
     kwargs: dict[str, Any] = dict(
         seq_len=seq_len,
         dtype=dtype,
@@ -1043,24 +1155,60 @@ def max_batch_size(
         task_type=task_type,
         device=device,
     )
-    cache: dict[int, int] = {}
+    dev = torch.device(device) if device is not None else _current_device()
+    memo = _memo_for(
+        model, method, seq_len, dtype, quantize, optimizer, gradient_checkpointing, task_type, dev
+    )
+    traced: dict[int, int] = {b: e.peak for b, e in (memo or {}).items() if b <= limit}
 
     def peak(b: int) -> int:
-        if b not in cache:
-            cache[b] = estimate(model, method, batch_size=b, **kwargs).peak
-        return cache[b]
+        if b not in traced:
+            traced[b] = estimate(model, method, batch_size=b, **kwargs).peak
+        return traced[b]
 
     if peak(1) > budget_bytes:
         return 0
-    # The peak is affine in the batch size (every activation has it as a factor), so two
-    # probes predict the answer; the walk below confirms it against the traces themselves.
-    slope = max(peak(2) - peak(1), 1)
-    best = min(max(1, 1 + (budget_bytes - peak(1)) // slope), limit)
-    while best > 1 and peak(best) > budget_bytes:
-        best -= 1
-    while best < limit and peak(best + 1) <= budget_bytes:
-        best += 1
-    return int(best)
+    if limit == 1:
+        return 1
+    anchor = max(traced) if max(traced) > 1 else 2
+    slope = max((peak(anchor) - peak(1)) / (anchor - 1), 1.0)
+    tolerance = AFFINE_TOLERANCE * slope
+
+    def guess(a: int, b: int) -> int:
+        """The largest batch the line through traced batches ``a < b`` says fits."""
+        s = max((peak(b) - peak(a)) / (b - a), 1.0)
+        return a + math.floor((budget_bytes - peak(a)) / s)
+
+    def bracket() -> tuple[int, int]:
+        """(largest traced batch that fits, smallest traced batch that does not; 0: none)."""
+        over = [b for b, p in traced.items() if p > budget_bytes]
+        fails = min(over) if over else 0
+        fits = max(b for b, p in traced.items() if p <= budget_bytes and (not fails or b < fails))
+        return fits, fails
+
+    candidate = 1 + math.floor((budget_bytes - peak(1)) / slope)
+    fits, fails = bracket()
+    while not (fits == limit or (fails and fails == fits + 1)):
+        width = (fails or limit + 1) - fits
+        candidate = min(max(candidate, fits + 1), fails - 1 if fails else limit)
+        verifies = candidate not in traced and candidate != anchor
+        if peak(candidate) <= budget_bytes:
+            predicted = peak(1) + (candidate - 1) * slope
+            if (
+                verifies
+                and abs(peak(candidate) - predicted) <= tolerance
+                and peak(candidate) + slope - tolerance > budget_bytes
+            ):
+                return candidate  # the affine model, verified at the answer
+        fits, fails = bracket()
+        if fails and fails > fits + 1:
+            candidate = guess(fits, fails)  # interpolate inside the bracket
+            if (fails - fits) * 2 > width:  # the secant stalls: bisect
+                candidate = (fits + fails) // 2
+        else:  # nothing traced fails yet: extrapolate from the two largest traced batches
+            below = max(b for b in traced if b < fits) if fits > 1 else 1
+            candidate = guess(below, fits) if below < fits else fits + 1
+    return fits
 
 
 # ----------------------------------------------------------------------------------------------
