@@ -42,7 +42,8 @@ on SmolLM2. First the held-out perplexity at initialisation, before any training
 plain NF4 QLoRA, NF4 + LoftQ for each ``--loftq-init-iters``), with the weight-space error
 ``Σ‖W − Ŵ − s·B A‖²`` relative to plain NF4's ``Σ‖W − Ŵ‖²``; then the 1-epoch runs of
 configs/sft-smollm2.yaml named in ``--loftq-train`` (``lora``, ``qlora``, ``qlora-loftq<T>``),
-the same settings for all. Results merge into quant_smol_loftq.json (processes may split runs).
+the same settings for all (``--loftq-epochs N`` for N epochs). Results merge into
+quant_smol_loftq.json (processes may split runs).
 
 Usage::
 
@@ -703,15 +704,17 @@ def smol_loftq_init(iters: list[int]) -> dict[str, Any]:
     return res
 
 
-def smol_loftq_train(names: list[str]) -> dict[str, Any]:
-    """The 1-epoch configs/sft-smollm2.yaml runs named in ``names``, same settings for all."""
+def smol_loftq_train(names: list[str], epochs: int = 1) -> dict[str, Any]:
+    """configs/sft-smollm2.yaml runs named in ``names`` for ``epochs`` epochs (the config's is
+    1), the same settings for all; stored under ``train_<epochs>_epoch``."""
     from deltatune.run import train_run
 
     mine: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             t0 = time.perf_counter()
-            m = train_run(smol_config(loftq_method(name), Path(tmp) / name), echo=print).metrics
+            cfg = smol_config(loftq_method(name), Path(tmp) / name, epochs)
+            m = train_run(cfg, echo=print).metrics
             mine[name] = {
                 "test_loss": m["test"]["loss"],
                 "test_perplexity": m["test"]["perplexity"],
@@ -719,8 +722,8 @@ def smol_loftq_train(names: list[str]) -> dict[str, Any]:
                 "best_step": m["best_step"],
                 "wall_s": time.perf_counter() - t0,
             }
-            print(f"smollm2 1 epoch {name}: {mine[name]}", flush=True)
-            merge_loftq_results({"train_1_epoch": {name: mine[name]}})
+            print(f"smollm2 {epochs} epoch(s) {name}: {mine[name]}", flush=True)
+            merge_loftq_results({f"train_{epochs}_epoch": {name: mine[name]}})
     return mine
 
 
@@ -758,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         default="qlora-loftq1,lora",
         help="smol-loftq: 1-epoch runs to train (lora, qlora, qlora-loftq<T>; empty: none)",
     )
+    parser.add_argument("--loftq-epochs", type=int, default=1, help="smol-loftq: training epochs")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-train", type=int, default=800, help="BBC training articles")
     parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 runs")
@@ -801,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         iters = [int(t) for t in args.loftq_init_iters.split(",") if t]
         if iters:
             smol_loftq_init(iters)
-        smol_loftq_train([m for m in args.loftq_train.split(",") if m])
+        smol_loftq_train([m for m in args.loftq_train.split(",") if m], args.loftq_epochs)
         merge_loftq_results({"meta": meta})
         print((RESULTS / "quant_smol_loftq.json").read_text())
     if args.part in ("quality", "all"):

@@ -39,6 +39,7 @@ from torch import nn
 from deltatune.errors import ConfigError
 from deltatune.methods.lora import LoraConfig, _modules_to_save_names, inject_lora
 from deltatune.quant.linear import COMPUTE_DTYPES, SCHEMES, QuantLinear
+from deltatune.quant.loftq import SCHEME_BITS, apply_loftq, float_weights
 from deltatune.quant.model import quantize_model
 from deltatune.registry import Capabilities, MethodSpec, register
 from deltatune.targeting import select_modules
@@ -53,6 +54,9 @@ class QLoraConfig(LoraConfig):
     - ``compute_dtype`` (``"auto"``): dtype of the base matmul; ``auto`` is bfloat16 where the
       device computes it natively (CUDA sm80+, CPUs with AVX512-BF16/AMX), else float32.
     - ``target_modules`` defaults to ``"all-linear"`` (QLoRA adapts every linear layer).
+    - ``init_lora_weights: "loftq"`` with ``loftq_config`` (``{"loftq_bits": 4, "loftq_iter":
+      1}``, PEFT's names; bits must match ``quantize``): LoftQ initialisation, the base and A, B
+      chosen together so that ``Ŵ + s·B A ≈ W`` (:mod:`deltatune.quant.loftq`).
     """
 
     method_name: ClassVar[str] = "qlora"
@@ -61,9 +65,12 @@ class QLoraConfig(LoraConfig):
     target_modules: str | list[str] | None = "all-linear"
     quantize: Literal["nf4", "int8"] = "nf4"
     compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    init_lora_weights: bool | Literal["gaussian", "loftq"] = True  # type: ignore[assignment]
+    loftq_config: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         super().validate()
+        self._validate_loftq()
         if self.quantize not in SCHEMES:
             raise ConfigError(f"quantize={self.quantize!r} must be one of {', '.join(SCHEMES)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -71,13 +78,45 @@ class QLoraConfig(LoraConfig):
                 f"compute_dtype={self.compute_dtype!r} must be one of {', '.join(COMPUTE_DTYPES)}"
             )
 
+    def _validate_loftq(self) -> None:
+        if self.init_lora_weights != "loftq":
+            if self.loftq_config:
+                raise ConfigError(
+                    f"loftq_config={self.loftq_config!r} is set but init_lora_weights="
+                    f"{self.init_lora_weights!r}; set init_lora_weights: loftq (or drop loftq_config)"
+                )
+            return
+        unknown = set(self.loftq_config) - {"loftq_bits", "loftq_iter"}
+        if unknown:
+            raise ConfigError(
+                f"loftq_config has unknown keys {sorted(unknown)}; valid: loftq_bits, loftq_iter"
+            )
+        bits = SCHEME_BITS.get(self.quantize)
+        if self.loftq_config.get("loftq_bits", bits) != bits:
+            raise ConfigError(
+                f"loftq_config.loftq_bits={self.loftq_config['loftq_bits']} does not match "
+                f"quantize={self.quantize!r} ({bits} bits); set loftq_bits: {bits} or change quantize"
+            )
+        iters = self.loftq_config.get("loftq_iter", 1)
+        if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+            raise ConfigError(
+                f"loftq_config.loftq_iter={iters!r} must be a positive integer (try 1)"
+            )
+        if self.use_dora:
+            raise ConfigError(
+                "init_lora_weights='loftq' with use_dora=true is not supported; "
+                "set use_dora: false (or init_lora_weights: true)"
+            )
+        # Both keys written out, as PEFT writes them (its loader reads both).
+        self.loftq_config = {"loftq_bits": bits, "loftq_iter": iters}  # type: ignore[dict-item]
+
 
 def inject_qlora(model: nn.Module, config: QLoraConfig, adapter_name: str) -> None:
     skip = _modules_to_save_names(model, config)
     if config.target_modules is None:
         raise ConfigError("target_modules is null; qlora needs targets (default 'all-linear')")
     # Check the targets before touching the base, so a bad config leaves the model float.
-    select_modules(
+    targets = select_modules(
         model,
         config.target_modules,
         exclude_modules=config.exclude_modules,
@@ -91,8 +130,13 @@ def inject_qlora(model: nn.Module, config: QLoraConfig, adapter_name: str) -> No
             f"quantize={config.quantize!r} but the base is already "
             f"{'/'.join(sorted(schemes))}-quantised (model.quantize); set the two equal"
         )
+    loftq = config.init_lora_weights == "loftq"
+    # LoftQ needs W itself: read before quantize_model drops the float layers.
+    weights = float_weights(model, list(targets)) if loftq else {}
     quantize_model(model, config.quantize, compute_dtype=config.compute_dtype, skip=skip)
     inject_lora(model, config, adapter_name)
+    if loftq:
+        apply_loftq(model, adapter_name, weights, config.loftq_config["loftq_iter"])
 
 
 register(
