@@ -14,6 +14,8 @@ Training variants (per model):
 - ``dt`` / ``peft``: deltatune / PEFT LoRA for each target set (``qv``: query/value projections;
   ``all``: every Linear of the blocks) and rank; forward + backward + AdamW step on the trainable
   parameters. ``dt-plain`` (``--plain``): deltatune with its fast LoRA kernel switched off.
+  ``dt-keep`` (``--keep``, all-linear only): the kernel with input rebuilding off, i.e. keeping
+  every adapted layer's input itself (``deltatune.kernels.lora_linear.rebuild_inputs``).
   ``--dora`` adds ``dt-dora`` / ``peft-dora`` on the q,v targets.
 
 Peak memory. On CUDA: ``torch.cuda.max_memory_allocated`` during one step, minus what the other
@@ -29,6 +31,7 @@ Usage::
 
     .venv/bin/python bench/lora_bench.py --model bert          # full run, ~15 min on 2 cores
     .venv/bin/python bench/lora_bench.py --quick               # small batch, both models
+    .venv/bin/python bench/lora_bench.py --memory-only         # peak memory of bound and dt only
 """
 
 from __future__ import annotations
@@ -138,17 +141,23 @@ class Variant:
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
     fast: bool = True
+    rebuild: bool = True  # False for dt-keep: the kernel keeps every input (no rebuilding)
     times: list[float] = dataclasses.field(default_factory=list)
     cpu_times: list[float] = dataclasses.field(default_factory=list)
     memory: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def _fast_context(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+def _fast_context(enabled: bool, rebuild: bool = True) -> contextlib.AbstractContextManager[Any]:
     try:
         from deltatune.kernels import fast_lora
+        from deltatune.kernels.lora_linear import rebuild_inputs
     except ImportError:  # Part 1: no kernel yet
         return contextlib.nullcontext()
-    return fast_lora(enabled)
+    stack = contextlib.ExitStack()
+    stack.enter_context(fast_lora(enabled))
+    if not rebuild:
+        stack.enter_context(rebuild_inputs(False))
+    return stack
 
 
 def make_variant(
@@ -169,7 +178,7 @@ def make_variant(
         embedding_module(model, kind).register_forward_hook(
             lambda _m, _i, out: out.detach().requires_grad_()
         )
-    elif method in ("dt", "dt-plain", "dt-dora"):
+    elif method in ("dt", "dt-plain", "dt-keep", "dt-dora"):
         dt.inject(
             model,
             dt.LoraConfig(
@@ -194,7 +203,17 @@ def make_variant(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     label = "bound" if method == "bound" else f"{method} {targets} r{r}"
-    return Variant(label, method, targets, r, dropout, model, optimizer, fast=method != "dt-plain")
+    return Variant(
+        label,
+        method,
+        targets,
+        r,
+        dropout,
+        model,
+        optimizer,
+        fast=method != "dt-plain",
+        rebuild=method != "dt-keep",
+    )
 
 
 def _autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager[Any]:
@@ -206,7 +225,7 @@ def _autocast(device: torch.device, amp: str | None) -> contextlib.AbstractConte
 def train_step(
     v: Variant, batch: dict[str, torch.Tensor], device: torch.device, amp: str | None
 ) -> torch.Tensor:
-    with _fast_context(v.fast), _autocast(device, amp):
+    with _fast_context(v.fast, v.rebuild), _autocast(device, amp):
         loss = v.model(**batch).loss
     loss.backward()
     if v.optimizer is not None:
@@ -252,7 +271,7 @@ def measure_memory(
         torch.cuda.synchronize()
         others = torch.cuda.memory_allocated() - static["weights"] - static["optimizer"]
         torch.cuda.reset_peak_memory_stats()
-    with count_saved(exclude) as seen, _fast_context(v.fast), _autocast(device, amp):
+    with count_saved(exclude) as seen, _fast_context(v.fast, v.rebuild), _autocast(device, amp):
         loss = v.model(**batch).loss
     saved = sum(seen.values())
     loss.backward()
@@ -316,12 +335,15 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
         file=sys.stderr,
     )
 
-    methods = ["dt", "peft"] + (["dt-plain"] if args.plain else [])
+    if args.memory_only:  # PEFT's and the plain path's memory do not depend on the kernel
+        methods = ["dt"]
+    else:
+        methods = ["dt", "peft"] + (["dt-plain"] if args.plain else [])
     variants = [make_variant(base, kind, "bound", "-", 0, 0.0, device)]
     for targets in args.targets:
         dropout = ALL_DROPOUT if targets == "all" else args.qv_dropout
         for r in args.ranks:
-            for method in methods:
+            for method in methods + (["dt-keep"] if args.keep and targets == "all" else []):
                 variants.append(make_variant(base, kind, method, targets, r, dropout, device))
     if args.dora:
         for r in args.ranks:
@@ -334,6 +356,8 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
             train_step(v, batch, device, args.amp)
     for v in variants:
         measure_memory(v, batch, device, args.amp)
+    if args.memory_only:
+        return memory_rows(kind, n_params, variants)
     print(f"  timing {len(variants)} training variants", file=sys.stderr)
     times, cpu = interleaved(
         variants, lambda v: train_step(v, batch, device, args.amp), args.repeats, args.steps, device
@@ -414,6 +438,41 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
             "bound_growth_bytes": b_growth,
         }
     )
+
+
+def memory_rows(kind: str, n_params: int, variants: list[Variant]) -> dict[str, Any]:
+    """``--memory-only``: the peak-memory columns of the training variants, no timing."""
+    bound = variants[0]
+    b_growth = bound.memory["peak"] - bound.memory["weights"]
+    rows = [
+        {
+            "variant": v.name,
+            "lora_dropout": v.dropout,
+            "memory_bytes": v.memory,
+            "extra_over_bound_bytes": v.memory["peak"] - bound.memory["peak"],
+            "mem_extra_x_bound_growth": (v.memory["peak"] - bound.memory["peak"]) / b_growth,
+            "mem_growth_x_bound_growth": (v.memory["peak"] - bound.memory["weights"]) / b_growth,
+        }
+        for v in variants
+    ]
+    return {"model": kind, "params": n_params, "memory_only": True, "train": rows}
+
+
+def format_memory_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"### {result['model']} ({result['params'] / 1e6:.1f}M params), memory only",
+        "",
+        "| variant | dropout | peak MiB | saved MiB | extra MiB | extra / bound growth | growth / bound growth |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in result["train"]:
+        mem = row["memory_bytes"]
+        lines.append(
+            f"| {row['variant']} | {row['lora_dropout']:g} | {_mb(mem['peak'])} "
+            f"| {_mb(mem['saved'])} | {_mb(row['extra_over_bound_bytes'])} "
+            f"| {row['mem_extra_x_bound_growth']:.3f} | {row['mem_growth_x_bound_growth']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def _paired(rounds: list[float], ref: list[float]) -> tuple[float, float, float]:
@@ -531,7 +590,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--plain", action="store_true", help="also time deltatune with the fast kernel off"
     )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="also run dt-keep on all-linear: the kernel keeps every input (no input rebuilding)",
+    )
     p.add_argument("--dora", action="store_true", help="also time DoRA (q,v) in deltatune and PEFT")
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="bound and deltatune variants, peak memory only (no timing, no inference); "
+        "prints the table, writes JSON only with --out",
+    )
+    p.add_argument(
+        "--keep-inputs",
+        action="store_true",
+        help="kernel saves every adapted layer's input (input rebuilding off, see "
+        "deltatune.kernels.lora_linear)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--amp", choices=["bf16"], default=None, help="bf16 autocast")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -562,6 +638,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_inputs:
+        from deltatune.kernels.lora_linear import set_rebuild_inputs
+
+        set_rebuild_inputs(False)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kinds = ["bert", "llama"] if args.model == "both" else [args.model]
     import peft
@@ -588,10 +668,16 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda"
         else "static + saved-for-backward",
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "rebuild_inputs": not args.keep_inputs,
     }
     for kind in kinds:
         result = run_model(kind, args, device)
         result["meta"] = meta
+        if args.memory_only:
+            if args.out:
+                write_json_atomic(args.out, result)
+            print(format_memory_table(result) + "\n", flush=True)
+            continue
         out = (
             args.out
             if args.out and len(kinds) == 1

@@ -8,6 +8,8 @@ those of the plain path.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -460,3 +462,196 @@ def test_activation_checkpointing_replays_the_same_masks(reentrant: bool) -> Non
     assert torch.equal(y.detach(), y_ref)
     for got, want in zip(grads, g_ref):
         _close(got, want, 1e-6)
+
+
+# --- rebuilding the input from its producer's saved tensors ------------------------------------
+def _rms_norm(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """LLaMA's RMSNorm: ``w ⊙ (h ⊙ rsqrt(mean(h²) + eps))`` (w frozen: the outer Mul keeps w only)."""
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+_FROZEN_W = torch.linspace(0.5, 1.5, 24, dtype=torch.float64)
+PRODUCERS = {
+    "gelu": lambda t: torch.nn.functional.gelu(t),
+    "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+    "swiglu": lambda t: torch.nn.functional.silu(t) * t.cos(),  # LLaMA's act(gate) ⊙ up
+    "rms_norm": lambda t: _rms_norm(t, _FROZEN_W.to(t.device, t.dtype)),
+}
+
+
+def _saved_ids(fn) -> tuple[object, set[int]]:  # type: ignore[no-untyped-def]
+    """Run ``fn()`` recording the storages autograd saves; returns its result and their pointers."""
+    ptrs: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptrs.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, ptrs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("producer", sorted(PRODUCERS))
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-6), (torch.float32, 1e-5)])
+def test_input_is_rebuilt_bitwise_not_kept_and_changes_no_result(
+    device: str, producer: str, dtype: torch.dtype, tol: float
+) -> None:
+    from deltatune.kernels.lora_linear import _recipe, _run_recipe, rebuild_inputs
+
+    make = PRODUCERS[producer]
+    x_in, base, a, b = _inputs(dtype, device)
+
+    def step(rebuild: bool) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, set[int]]:
+        x = make(x_in)
+        with rebuild_inputs(rebuild):
+            y, ptrs = _saved_ids(lambda: lora_dropout_linear(x, base, a, b, 1.7, 0.3, seed=21))
+        grads = torch.autograd.grad(y.square().sum(), (x_in, base, a, b))  # type: ignore[union-attr]
+        return y.detach(), list(grads), x, ptrs  # type: ignore[union-attr]
+
+    y_on, g_on, x_on, saved_on = step(True)
+    y_off, g_off, x_off, saved_off = step(False)
+    assert x_off.untyped_storage().data_ptr() in saved_off
+    assert x_on.untyped_storage().data_ptr() not in saved_on  # x itself is not kept ...
+    x_again = make(x_in)
+    leaves: list[torch.Tensor] = []
+    recipe = _recipe(x_again.grad_fn, x_again.device, leaves, 0)
+    assert torch.equal(_run_recipe(recipe, tuple(leaves)), x_again)  # ... it is rebuilt
+    assert torch.equal(y_on, y_off)
+    assert all(torch.equal(u, v) for u, v in zip(g_on, g_off))
+    # and both are the plain formula for the same mask, differentiated by autograd
+    x = make(x_in)
+    want = lora_linear_reference(x, base, a, b, 1.7, 0.3, seed=21)
+    g_want = torch.autograd.grad(want.square().sum(), (x_in, base, a, b))
+    _close(y_on, want, tol)
+    for got, ref in zip(g_on, g_want):
+        _close(got, ref, tol)
+
+
+def test_input_is_kept_when_it_cannot_be_rebuilt() -> None:
+    from deltatune.kernels.lora_linear import _recipe
+
+    pre, base, a, b = _inputs(torch.float64, "cpu")
+    w = _FROZEN_W
+    cases = {
+        "leaf": lambda: pre,
+        "add (keeps nothing)": lambda: pre + 1.0,
+        "mul by a factor nobody keeps": lambda: w * (pre + 1.0),
+        "view of a gelu output": lambda: torch.nn.functional.gelu(pre).view(-1, 24),
+    }
+    for name, make in cases.items():
+        x = make()
+        base_x = base.view(-1, 20) if x.dim() == 2 else base
+        _, ptrs = _saved_ids(partial(lora_dropout_linear, x, base_x, a, b, 1.0, 0.2, seed=3))
+        assert x.untyped_storage().data_ptr() in ptrs, name
+    # modified in place without autograd after it was made: its producer no longer describes it
+    x = torch.nn.functional.gelu(pre)
+    assert _recipe(x.grad_fn, x.device, [], 0) is not None
+    with torch.no_grad():
+        x.mul_(2.0)
+    y, ptrs = _saved_ids(lambda: lora_dropout_linear(x, base, a, b, 1.0, 0.2, seed=3))
+    assert x.untyped_storage().data_ptr() in ptrs
+    ga = torch.autograd.grad(y.sum(), a)[0]  # type: ignore[union-attr]
+    want = lora_linear_reference(x, base, a, b, 1.0, 0.2, seed=3)
+    _close(ga, torch.autograd.grad(want.sum(), a)[0], 1e-6)
+
+
+def test_rebuilt_source_modified_in_place_is_an_error_not_a_wrong_gradient() -> None:
+    pre, base, a, b = _inputs(torch.float64, "cpu")
+    h = pre * 1.0
+    y = lora_dropout_linear(torch.nn.functional.gelu(h), base, a, b, 1.0, 0.2, seed=3)
+    with torch.no_grad():
+        h.add_(1.0)  # the tensor GELU saved (and the kernel would rebuild x from)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y.sum(), a)
+
+
+class _Mlp(nn.Module):
+    """The FFN shapes of the benchmark models: GELU (BERT) or RMSNorm + SwiGLU (LLaMA)."""
+
+    def __init__(self, kind: str, d: int = 32, hidden: int = 88) -> None:
+        super().__init__()
+        self.kind = kind
+        self.norm_w = nn.Parameter(torch.rand(d) + 0.5, requires_grad=False)
+        self.gate, self.up = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gelu":
+            return x + self.down(torch.nn.functional.gelu(self.up(x)))
+        h = _rms_norm(x, self.norm_w)
+        return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def _mlp(kind: str, dora: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    targets = ["up", "down"] if dora or kind == "gelu" else ["gate", "up", "down"]
+    cfg = dt.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.2, target_modules=targets, use_dora=dora,
+        init_lora_weights=False,
+    )  # fmt: skip
+    return dt.inject(_Mlp(kind), cfg).train()
+
+
+def _mlp_step(
+    model: nn.Module, x: torch.Tensor, rebuild: bool, autocast: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    from deltatune.kernels.lora_linear import rebuild_inputs
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    x = x.clone().requires_grad_()
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(5)
+    with (
+        rebuild_inputs(rebuild),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+    ):
+        y = model(x)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(y.float().square().sum(), [x, *trainable])
+    return y.detach(), list(grads), sum(seen.values())
+
+
+@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_layers_rebuild_ffn_inputs_same_results_less_memory(
+    kind: str, dora: bool, autocast: bool
+) -> None:
+    model = _mlp(kind, dora)
+    x = torch.randn(2, 16, 32)
+    y_on, g_on, saved_on = _mlp_step(model, x, True, autocast)
+    y_off, g_off, saved_off = _mlp_step(model, x, False, autocast)
+    assert torch.equal(y_on, y_off)
+    assert all(torch.equal(u, v) for u, v in zip(g_on, g_off))
+    # the down projection's input (2·16 × 88) is no longer kept; for SwiGLU (no DoRA, all three
+    # adapted) also the RMSNorm output that gate and up share (2·16 × 32)
+    elem = 2 if autocast else 4
+    freed = 2 * 16 * 88 * elem + (2 * 16 * 32 * 4 if kind == "swiglu" and not dora else 0)
+    assert saved_off - saved_on >= freed, (saved_off, saved_on, freed)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_rebuild_under_activation_checkpointing(reentrant: bool) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    model = _mlp("swiglu")
+    x = torch.randn(2, 16, 32)
+    y_ref, g_ref, _ = _mlp_step(model, x, True)
+    xr = x.clone().requires_grad_()
+    torch.manual_seed(5)
+    y = checkpoint(model, xr, use_reentrant=reentrant)
+    y.square().sum().backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert torch.equal(y.detach(), y_ref)
+    for got, want in zip([xr.grad, *(p.grad for p in trainable)], g_ref):
+        assert torch.equal(got, want)

@@ -30,7 +30,8 @@ LoRA backward, given ``g = ∂L/∂y`` (N × out)::
     ∂L/∂x    = M ⊙ (du A)                       (N × in)
        [fused: ∂L/∂x = M ⊙ (du A) + g W;  W and bias get no gradient]
 
-Kept for backward: ``x`` (shared with the siblings, so one copy per distinct input), ``vᵀ``,
+Kept for backward: ``x`` (shared with the siblings, so one copy per distinct input; or nothing,
+when ``x`` can be rebuilt from what its producer keeps, see below), ``vᵀ``,
 ``A``, ``B`` (and ``W``: parameters, no new memory) and the seed, a Python int. Nothing N × in
 is created per layer beyond the transient ``xd`` and the mask.
 
@@ -56,6 +57,35 @@ CPU generator (``torch.manual_seed`` makes a run reproducible, and activation ch
 which restores that generator, replays the same masks) unless one is passed;
 :func:`dropout_keep_mask` rebuilds the mask of a seed, and :func:`lora_linear_reference` /
 :func:`dora_delta_reference` are the plain formulas with that mask (the tests compare them).
+
+Rebuilding the input instead of keeping it (:func:`rebuild_inputs`, on by default). A frozen
+Linear keeps nothing for backward, so every ``x`` an adapted layer keeps is new memory unless
+another op keeps the very same storage. The largest inputs are the FFN down projection's
+(N × 4h), and the ops producing them keep their *inputs*, not ``x``: ``x = gelu(pre)`` keeps
+``pre``; ``x = act(gate) ⊙ up`` (the Mul) keeps both factors. Where ``x`` is the fresh output
+(``x._version == 0``) of such an op, the Function keeps the tensors the producing autograd node
+saved anyway (the same storages: no new memory) instead of ``x`` and recomputes ``x`` from them
+in backward::
+
+    GeluBackward0:  x = gelu(pre, approximate)     (pre = node._saved_self)
+    SiluBackward0:  x = silu(pre)
+    MulBackward0:   x = a ⊙ b                      (a, b = node._saved_self, node._saved_other)
+
+A factor the Mul did not save (autograd saves ``a`` only if ``b`` needs a gradient) is itself
+rebuilt when its own producer is one of these ops, e.g. RMSNorm's ``w ⊙ (h ⊙ rsqrt(…))`` (``w``
+frozen: ``h ⊙ rsqrt(…)`` is not kept by the outer Mul, but both its factors are kept by the inner
+one); anything else keeps ``x``. The recomputation is the same op on the same tensors, so ``x`` is
+rebuilt bitwise (outputs and gradients do not change at all). The Function saves those tensors
+itself, so modifying one in place before backward is autograd's usual error, and the unsaved
+factor of a Mul must not be modified in place outside autograd (as with any tensor autograd does
+not keep). Only these dropout kernels rebuild (``p = 0`` runs the plain path). Caveat: on
+CPU an elementwise op's vectorised and scalar code paths may round differently, so running
+backward with a different ``torch.set_num_threads`` than forward may change the rebuilt ``x``
+(of GELU/SiLU; a product is exact either way) in its last bit. Cost: one elementwise op per
+rebuilt input in backward. The node's tensors are read in forward without running unpack hooks:
+where they were packed by saved-tensor hooks into something that is not the tensor itself
+(activation checkpointing's handles and detached recomputed tensors, ``save_on_cpu``'s tuples)
+``x`` is kept; the tensors the Function saves go through the active hooks like any other.
 
 Under autocast the matmuls run in the autocast dtype (as ``F.linear`` would), the output keeps
 the base output's dtype, and gradients come back in each input's own dtype. On CUDA the mask
@@ -99,6 +129,138 @@ def fast_lora(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _ENABLED[0] = old
+
+
+_REBUILD = [True]
+
+
+def rebuild_inputs_enabled() -> bool:
+    """Whether the kernels rebuild an input from its producer's saved tensors (default True)."""
+    return _REBUILD[0]
+
+
+def set_rebuild_inputs(enabled: bool) -> None:
+    """Switch input rebuilding (module docstring) on or off for the whole process."""
+    _REBUILD[0] = bool(enabled)
+
+
+@contextmanager
+def rebuild_inputs(enabled: bool = True) -> Iterator[None]:
+    """``with rebuild_inputs(False): ...`` makes the kernels keep every input ``x`` itself."""
+    old = _REBUILD[0]
+    _REBUILD[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _REBUILD[0] = old
+
+
+_MAX_DEPTH = 3
+
+# A rebuild recipe: ("leaf", i) is the i-th tensor kept for it; ("gelu", approximate, r),
+# ("silu", r) and ("mul", r1, r2) apply that op to the sub-recipes' results.
+Recipe = tuple[Any, ...]
+
+
+def _saved_tensor(raw: Any, device: torch.device, needs_grad: bool) -> torch.Tensor | None:
+    """The tensor an autograd node saved, read without running unpack hooks, or None.
+
+    Without hooks ``raw.data`` is the tensor itself. Under saved-tensor hooks it is whatever the
+    pack hook returned: a handle (activation checkpointing's forward), a tuple
+    (``save_on_cpu``), a detached tensor (checkpointing's recomputation, whose pack detaches
+    what needs a gradient) are not taken, so that forward and recomputation save the same
+    tensors; a floating tensor on the same device that needs a gradient exactly when the
+    node's input did is taken to be the tensor itself (as with a hook that only counts).
+    """
+    data = raw.data
+    if raw.unpack_hook is None:
+        return data  # type: ignore[no-any-return]
+    if (
+        isinstance(data, torch.Tensor)
+        and data.is_floating_point()
+        and data.device == device
+        and data.requires_grad == needs_grad
+    ):
+        return data
+    return None
+
+
+def _recipe(node: Any, device: torch.device, leaves: list[torch.Tensor], depth: int) -> Any:
+    """How to recompute ``node``'s output from tensors autograd keeps anyway, or None.
+
+    Appends the tensors it needs to ``leaves``. A Mul's factor ``i`` is saved exactly when the
+    other factor needs a gradient (edge ``1 − i`` set); an unsaved factor needs a gradient
+    itself, so its producer is reached through edge ``i`` and rebuilt in turn.
+    """
+    if node is None or depth > _MAX_DEPTH:
+        return None
+    name = type(node).__name__
+    if name in ("GeluBackward0", "SiluBackward0"):
+        pre = _saved_tensor(node._raw_saved_self, device, True)
+        if pre is None:
+            return None
+        leaves.append(pre)
+        leaf = ("leaf", len(leaves) - 1)
+        if name == "GeluBackward0":
+            return ("gelu", node._saved_approximate, leaf)
+        return ("silu", leaf)
+    if name == "MulBackward0":
+        edges = node.next_functions
+        raws = (node._raw_saved_self, node._raw_saved_other)
+        factors = []
+        for i in (0, 1):
+            if edges[1 - i][0] is not None:
+                t = _saved_tensor(raws[i], device, edges[i][0] is not None)
+                if t is None:
+                    return None
+                leaves.append(t)
+                factors.append(("leaf", len(leaves) - 1))
+            else:
+                sub = _recipe(edges[i][0], device, leaves, depth + 1)
+                if sub is None:
+                    return None
+                factors.append(sub)
+        return ("mul", *factors)
+    return None
+
+
+def _run_recipe(recipe: Recipe, leaves: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    kind = recipe[0]
+    if kind == "leaf":
+        return leaves[recipe[1]]
+    if kind == "gelu":
+        return F.gelu(_run_recipe(recipe[2], leaves), approximate=recipe[1])
+    if kind == "silu":
+        return F.silu(_run_recipe(recipe[1], leaves))
+    return torch.mul(_run_recipe(recipe[1], leaves), _run_recipe(recipe[2], leaves))
+
+
+def _keep_input(ctx: Any, x: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors to save for ``x``: ``[x]``, or the leaves of a recipe that rebuilds it."""
+    ctx.x_shape, ctx.x_dtype, ctx.x_device = x.shape, x.dtype, x.device
+    ctx.x_recipe = None
+    if _REBUILD[0] and x.grad_fn is not None and x._version == 0 and x.output_nr == 0:
+        leaves: list[torch.Tensor] = []
+        recipe = _recipe(x.grad_fn, x.device, leaves, 0)
+        if recipe is not None:
+            ctx.x_recipe = recipe
+            return leaves
+    return [x]
+
+
+def _restore_input(ctx: Any, kept: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``x`` in backward: the saved tensor, or rebuilt bitwise by its recipe."""
+    if ctx.x_recipe is None:
+        return kept[0]
+    with torch.no_grad(), torch.autocast(ctx.x_device.type, enabled=False):
+        x = _run_recipe(ctx.x_recipe, kept)
+    if x.shape != ctx.x_shape or x.dtype != ctx.x_dtype:
+        raise RuntimeError(
+            f"deltatune.kernels: the rebuilt input has shape {tuple(x.shape)} / {x.dtype}, "
+            f"forward saw {tuple(ctx.x_shape)} / {ctx.x_dtype}; run with "
+            "deltatune.kernels.lora_linear.set_rebuild_inputs(False) and report this"
+        )
+    return x
 
 
 def draw_seed() -> int:
@@ -239,14 +401,16 @@ class _LoraDropoutLinear(torch.autograd.Function):
                     out = torch.addmm(base2d, v_t.t(), b_t)
                 else:
                     out = base2d + torch.mm(v_t.t(), b_t).to(base.dtype)
-        ctx.save_for_backward(x, v_t, a, b, w)
+        kept = _keep_input(ctx, x)
+        ctx.save_for_backward(v_t, a, b, w, *kept)
         ctx.k, ctx.p, ctx.seed, ctx.dtype, ctx.w_in_out = k, p, seed, dtype, w_in_out
         return out.view(shape)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, v_t, a, b, w = ctx.saved_tensors
+        v_t, a, b, w, *kept = ctx.saved_tensors
         dtype: torch.dtype = ctx.dtype
+        x_shape, x_device = ctx.x_shape, ctx.x_device
         need_x, need_base, _, _, need_a, need_b = ctx.needs_input_grad[:6]
         in_f, out_f = a.shape[1], b.shape[0]
         grad_x = grad_a = grad_b = None
@@ -256,13 +420,14 @@ class _LoraDropoutLinear(torch.autograd.Function):
                 grad_b = torch.mm(v_t, g2).t().to(b.dtype)
             if need_a or need_x:
                 du_t = torch.mm(b.to(dtype).t(), g2.t()).mul_(ctx.k)  # (r, N)
-                keep = _keep((x.numel() // in_f, in_f), ctx.p, ctx.seed, x.device, dtype)
+                keep = _keep((x_shape.numel() // in_f, in_f), ctx.p, ctx.seed, x_device, dtype)
                 if need_x:
                     dx = torch.mm(du_t.t(), a.to(dtype)).mul_(keep)
                     if w is not None:  # the fused base layer's input gradient: g W
                         dx.addmm_(g2, w.to(dtype).t() if ctx.w_in_out else w.to(dtype))
-                    grad_x = dx.view(x.shape).to(x.dtype)
+                    grad_x = dx.view(x_shape).to(ctx.x_dtype)
                 if need_a:
+                    x = _restore_input(ctx, tuple(kept))
                     xd = keep.mul_(x.reshape(-1, in_f))  # the mask's buffer becomes M ⊙ x
                     grad_a = torch.mm(du_t, xd).to(a.dtype)
         grad_base = g if need_base else None
@@ -354,14 +519,16 @@ class _DoraDropoutLinear(torch.autograd.Function):
             q = torch.addmm(big_p, u_t.t(), b.to(dtype).t(), alpha=s)  # Q = P + s u Bᵀ
             ms = (m / norm).to(dtype)
             delta = big_p.neg_().addcmul_(q, ms)  # ms ⊙ Q − P, in P's buffer
-        ctx.save_for_backward(x, u_t, q, w, a, b, ms, norm)
+        kept = _keep_input(ctx, x)
+        ctx.save_for_backward(u_t, q, w, a, b, ms, norm, *kept)
         ctx.s, ctx.c, ctx.p, ctx.seed, ctx.dtype = s, c, p, seed, dtype
         return delta.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, u_t, q, w, a, b, ms, norm = ctx.saved_tensors
+        u_t, q, w, a, b, ms, norm, *kept = ctx.saved_tensors
         dtype: torch.dtype = ctx.dtype
+        x_shape, x_device = ctx.x_shape, ctx.x_device
         need_x, _, need_a, need_b, need_m = ctx.needs_input_grad[:5]
         in_f, out_f = a.shape[1], b.shape[0]
         grad_x = grad_a = grad_b = grad_m = None
@@ -375,12 +542,13 @@ class _DoraDropoutLinear(torch.autograd.Function):
             if need_a or need_x:
                 # du = (g ⊙ s·ms) B, with the dropout scale c folded in
                 du_t = torch.mm((b.to(dtype) * (sms * ctx.c).unsqueeze(1)).t(), g2.t())
-                keep = _keep((x.numel() // in_f, in_f), ctx.p, ctx.seed, x.device, dtype)
+                keep = _keep((x_shape.numel() // in_f, in_f), ctx.p, ctx.seed, x_device, dtype)
                 if need_x:
                     w_s = w.to(dtype) * ((ms - 1) * ctx.c).unsqueeze(1)
                     dx = torch.mm(du_t.t(), a.to(dtype)).addmm_(g2, w_s).mul_(keep)
-                    grad_x = dx.view(x.shape).to(x.dtype)
+                    grad_x = dx.view(x_shape).to(ctx.x_dtype)
                 if need_a:
+                    x = _restore_input(ctx, tuple(kept))
                     xd = keep.mul_(x.reshape(-1, in_f))
                     grad_a = torch.mm(du_t, xd).to(a.dtype)
         return grad_x, None, grad_a, grad_b, grad_m, None, None, None, None, None
@@ -456,5 +624,8 @@ __all__ = [
     "linear_lora_dropout",
     "lora_dropout_linear",
     "lora_linear_reference",
+    "rebuild_inputs",
+    "rebuild_inputs_enabled",
     "set_fast_lora",
+    "set_rebuild_inputs",
 ]
