@@ -3,7 +3,9 @@
 - :mod:`deltatune.kernels.lora_linear`: LoRA with dropout on Linear layers that keeps the input
   and a seed instead of a dropped copy (see its docstring for the math). Used by
   :class:`deltatune.methods.lora.LoraLinear` whenever ``lora_dropout > 0`` in training;
-  ``with fast_lora(False):`` switches back to the plain autograd path.
+  ``with fast_lora(False):`` switches back to the plain autograd path. Where the input is the
+  fresh output of GELU, SiLU or a product, it is rebuilt in backward from what that op already
+  keeps (``with rebuild_inputs(False):`` keeps it instead).
 """
 
 from deltatune.kernels.lora_linear import (
@@ -18,7 +20,10 @@ from deltatune.kernels.lora_linear import (
     linear_lora_dropout,
     lora_dropout_linear,
     lora_linear_reference,
+    rebuild_inputs,
+    rebuild_inputs_enabled,
     set_fast_lora,
+    set_rebuild_inputs,
 )
 
 __all__ = [
@@ -33,5 +38,8 @@ __all__ = [
     "linear_lora_dropout",
     "lora_dropout_linear",
     "lora_linear_reference",
+    "rebuild_inputs",
+    "rebuild_inputs_enabled",
     "set_fast_lora",
+    "set_rebuild_inputs",
 ]
