@@ -191,6 +191,28 @@ def test_print_config_shows_overrides(capsys: pytest.CaptureFixture[str]) -> Non
     assert cfg["method"] == {"name": "bitfit"} and cfg["train"]["epochs"] == 7
 
 
+def test_overrides_may_follow_options(capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse alone refuses `key=value` after an option once a positional config was given.
+    bitfit = str(Path(__file__).resolve().parents[1] / "configs" / "bitfit.yaml")
+    code, out, _ = run_cli(
+        capsys,
+        "train",
+        bitfit,
+        "--output-dir",
+        "/tmp/x",
+        "train.epochs=7",
+        "--print-config",
+    )
+    assert code == 0
+    cfg = yaml.safe_load(out)
+    assert cfg["train"]["epochs"] == 7 and cfg["output_dir"] == "/tmp/x"
+    assert cfg["method"]["name"] == "bitfit"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", bitfit, "--output-dir", "/tmp/x", "--bogus"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
