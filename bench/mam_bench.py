@@ -183,7 +183,7 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(r: dict[str, Any]) -> str:
     lines = [
-        "| variant | trainable | step CPU s | x bound | saved act. MiB | peak MiB (+bound) | "
+        "| variant | trainable | step CPU s | x bound | saved act. MiB | peak MiB (vs bound) | "
         "test acc. |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -193,7 +193,7 @@ def table(r: dict[str, Any]) -> str:
         lines.append(
             f"| {n} | {c['memory']['trainable_params']:,} | {c['cpu_s']:.3f} | "
             f"{c['ratio_vs_bound']:.2f} | {c['memory']['saved'] / 2**20:.1f} | "
-            f"{c['memory']['peak'] / 2**20:.1f} (+{c['extra_mib_vs_bound']:.1f}) | "
+            f"{c['memory']['peak'] / 2**20:.1f} ({c['extra_mib_vs_bound']:+.1f}) | "
             + (f"{acc:.3f} |" if acc is not None else "- |")
         )
     return "\n".join(lines)
