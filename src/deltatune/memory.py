@@ -28,11 +28,27 @@ def storage_key(t: torch.Tensor) -> StorageKey:
     return (t.untyped_storage().data_ptr(), str(t.device))
 
 
+def plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s bytes: ``t`` itself, or, for a wrapper subclass such as
+    torchao's ``NF4Tensor`` (no storage of its own), its inner tensors, recursively."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is None:
+        return [t]
+    names, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
+    out: list[torch.Tensor] = []
+    for name in names:
+        inner = getattr(t, name)
+        if isinstance(inner, torch.Tensor):
+            out.extend(plain_tensors(inner))
+    return out
+
+
 def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors``."""
     seen: dict[StorageKey, int] = {}
     for t in tensors:
-        seen[storage_key(t)] = t.untyped_storage().nbytes()
+        for leaf in plain_tensors(t):
+            seen[storage_key(leaf)] = leaf.untyped_storage().nbytes()
     return sum(seen.values())
 
 
@@ -46,10 +62,11 @@ def count_saved(exclude: Iterable[StorageKey] = ()) -> Iterator[dict[StorageKey,
     seen: dict[StorageKey, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.layout == torch.strided and not t.is_meta:
-            key = storage_key(t)
-            if key not in skip and key[0] != 0:
-                seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        for leaf in plain_tensors(t):
+            if leaf.layout == torch.strided and not leaf.is_meta:
+                key = storage_key(leaf)
+                if key not in skip and key[0] != 0:
+                    seen[key] = max(seen.get(key, 0), leaf.untyped_storage().nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -58,4 +75,8 @@ def count_saved(exclude: Iterable[StorageKey] = ()) -> Iterator[dict[StorageKey,
 
 def model_storages(model: torch.nn.Module) -> set[StorageKey]:
     """Storage keys of every parameter and buffer of ``model`` (what :func:`count_saved` skips)."""
-    return {storage_key(t) for t in [*model.parameters(), *model.buffers()]}
+    return {
+        storage_key(leaf)
+        for t in [*model.parameters(), *model.buffers()]
+        for leaf in plain_tensors(t)
+    }
