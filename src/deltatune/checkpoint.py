@@ -73,7 +73,9 @@ def config_to_peft_dict(
     if method_for_peft_type(config.peft_type).name != config.method_name:
         # A method saved under another's PEFT type (qlora as LORA) names itself for deltatune.
         data["deltatune_method"] = config.method_name
-    if not config.peft_type.startswith("DELTATUNE_"):
+    if not config.peft_type.startswith("DELTATUNE_") or "inference_mode" in data:
+        # PEFT's flag; for the prefix-bearing methods (MAM, UniPELT too) it also says that the
+        # saved tensors are the folded prefix P, so loading builds a direct P.
         data["inference_mode"] = True
     return data
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from torch import nn
 
@@ -121,19 +121,6 @@ class MAMConfig(MethodConfig):
                 f"encoder_hidden_size={self.encoder_hidden_size} must be a positive integer "
                 "(or null for token_dim)"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        # What is saved (adapter_config.json, run configs) always describes the folded prefix:
-        # the tensors hold only P, so reading the config back must build a direct P for the
-        # exact load. ``replace`` below keeps the live value instead.
-        out = super().to_dict()
-        out["inference_mode"] = self.inference_mode or self.prefix_projection
-        return out
-
-    def replace(self, **changes: Any) -> MAMConfig:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-        data["arch"] = self.arch.to_dict()
-        return MAMConfig.from_dict({**data, **changes})
 
     def prefix_config(self) -> PrefixTuningConfig:
         """The prefix half as a prefix tuning config (what the shared prefix code reads)."""

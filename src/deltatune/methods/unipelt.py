@@ -189,17 +189,6 @@ class UniPELTConfig(MethodConfig):
         self.lora_config()  # r, lora_dropout
         self.adapter_config()  # reduction_factor, bottleneck_size, dropout
 
-    def to_dict(self) -> dict[str, Any]:
-        # Saved configs describe the folded prefix (the tensors hold only P), as in MAM.
-        out = super().to_dict()
-        out["inference_mode"] = self.inference_mode or self.prefix_projection
-        return out
-
-    def replace(self, **changes: Any) -> UniPELTConfig:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-        data["arch"] = self.arch.to_dict()
-        return UniPELTConfig.from_dict({**data, **changes})
-
     def lora_config(self) -> LoraConfig:
         """The LoRA part's settings (its scale and initialisation)."""
         return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
