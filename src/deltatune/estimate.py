@@ -1299,33 +1299,6 @@ def _spec_config(model: Any, task_type: str | None) -> Any:
     return config
 
 
-@contextlib.contextmanager
-def _count_saved(exclude: set[tuple[int, str]]) -> Iterator[dict[tuple[int, str], int]]:
-    """:func:`deltatune.memory.count_saved`, also for wrapper tensor subclasses (torchao's
-    ``NF4Tensor``, which has no storage of its own: its inner tensors are counted instead)."""
-    from deltatune.memory import storage_key
-
-    seen: dict[tuple[int, str], int] = {}
-
-    def visit(t: torch.Tensor) -> None:
-        flatten = getattr(t, "__tensor_flatten__", None)
-        if _is_wrapper_subclass(t) and callable(flatten):
-            for name in flatten()[0]:
-                visit(getattr(t, name))
-            return
-        if t.layout == torch.strided:
-            key = storage_key(t)
-            if key not in exclude and key[0] != 0:
-                seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        visit(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield seen
-
-
 def _profiled_peak(run: Callable[[], None]) -> int:
     """High-water mark of CPU bytes allocated (minus freed) while ``run`` executes."""
     from torch.profiler import ProfilerActivity, profile
@@ -1360,7 +1333,7 @@ def measure_step(
     A first step creates the optimizer state (a steady-state step has it); the next is counted
     and its allocator peak taken; ``time_steps`` more are timed (median).
     """
-    from deltatune.memory import model_storages, unique_bytes
+    from deltatune.memory import count_saved, model_storages, unique_bytes
 
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
@@ -1388,7 +1361,7 @@ def measure_step(
         if isinstance(t, torch.Tensor)
     ]
     opt_bytes = unique_bytes(state) if state else 0
-    with _count_saved(model_storages(model)) as seen:
+    with count_saved(model_storages(model)) as seen:
         loss = task_loss(model, batch, task)
     loss.backward()
     del loss
