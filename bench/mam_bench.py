@@ -62,7 +62,9 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_variant(base: nn.Module, name: str) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+def make_variant(
+    base: nn.Module, name: str, methods: dict[str, dict[str, Any]] = METHODS
+) -> tuple[nn.Module, torch.optim.Optimizer | None]:
     model = copy.deepcopy(base)
     if name == "bound":
         for p in model.parameters():
@@ -71,7 +73,7 @@ def make_variant(base: nn.Module, name: str) -> tuple[nn.Module, torch.optim.Opt
             lambda _m, _i, out: out.detach().requires_grad_()
         )
     else:
-        dt.inject(model, dt.config_from_dict({**METHODS[name], "task_type": "SEQ_CLS"}))
+        dt.inject(model, dt.config_from_dict({**methods[name], "task_type": "SEQ_CLS"}))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, (torch.optim.AdamW(params, lr=1e-4) if params else None)
@@ -110,7 +112,11 @@ def memory(model: nn.Module, opt: torch.optim.Optimizer | None, batch: dict[str,
     return mem
 
 
-def run_cost(args: argparse.Namespace) -> dict[str, Any]:
+def run_cost(
+    args: argparse.Namespace, methods: dict[str, dict[str, Any]] = METHODS
+) -> dict[str, Any]:
+    """Step time and memory of the bound and each of ``methods`` (``bench/unified_bench.py``
+    passes its own)."""
     from deltatune.data import DataConfig, PadCollator, TokenizedDataset, load_text_splits
     from deltatune.models import ModelConfig, load_classifier, load_tokenizer
 
@@ -120,8 +126,8 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
     batch = PadCollator(tokenizer)([ds[i] for i in range(args.batch)])
     torch.manual_seed(0)
     base = load_classifier(ModelConfig(), splits.label_names)
-    names = ["bound", *METHODS]
-    variants = {n: make_variant(base, n) for n in names}
+    names = ["bound", *methods]
+    variants = {n: make_variant(base, n, methods) for n in names}
     out: dict[str, Any] = {}
     for n, (model, opt) in variants.items():
         step(model, opt, batch)  # warm-up (creates the optimizer state)

@@ -42,7 +42,6 @@ atomically) and a Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
-import copy
 import platform
 import statistics
 import sys
@@ -53,13 +52,12 @@ from typing import Any
 
 import torch
 import yaml
-from torch import nn
 
 import deltatune as dt
 from deltatune.io import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mam_bench import memory, step
+from mam_bench import run_cost as mam_run_cost
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -78,58 +76,6 @@ METHODS: dict[str, dict[str, Any]] = {
     "unipelt": {"name": "unipelt"},
     "combine": combine_method(),
 }
-
-
-def make_variant(base: nn.Module, name: str) -> tuple[nn.Module, torch.optim.Optimizer | None]:
-    model = copy.deepcopy(base)
-    if name == "bound":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.bert.embeddings.register_forward_hook(  # type: ignore[union-attr]
-            lambda _m, _i, out: out.detach().requires_grad_()
-        )
-    else:
-        dt.inject(model, dt.config_from_dict({**METHODS[name], "task_type": "SEQ_CLS"}))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    return model, (torch.optim.AdamW(params, lr=1e-4) if params else None)
-
-
-def run_cost(args: argparse.Namespace) -> dict[str, Any]:
-    from deltatune.data import DataConfig, PadCollator, TokenizedDataset, load_text_splits
-    from deltatune.models import ModelConfig, load_classifier, load_tokenizer
-
-    splits = load_text_splits(DataConfig(max_length=64, max_train_examples=64))
-    tokenizer = load_tokenizer(ModelConfig())
-    ds = TokenizedDataset(splits.train, tokenizer, 64)
-    batch = PadCollator(tokenizer)([ds[i] for i in range(args.batch)])
-    torch.manual_seed(0)
-    base = load_classifier(ModelConfig(), splits.label_names)
-    names = ["bound", *METHODS]
-    variants = {n: make_variant(base, n) for n in names}
-    out: dict[str, Any] = {}
-    for n, (model, opt) in variants.items():
-        step(model, opt, batch)  # warm-up (creates the optimizer state)
-        out[n] = {"memory": memory(model, opt, batch), "cpu_rounds": [], "wall_rounds": []}
-    for rep in range(args.rounds):
-        k = rep % len(names)
-        for n in names[k:] + names[:k]:
-            model, opt = variants[n]
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(args.steps):
-                step(model, opt, batch)
-            out[n]["wall_rounds"].append((time.perf_counter() - t0) / args.steps)
-            out[n]["cpu_rounds"].append((time.process_time() - c0) / args.steps)
-        print(f"  round {rep + 1}/{args.rounds}", file=sys.stderr, flush=True)
-    bound_cpu = statistics.median(out["bound"]["cpu_rounds"])
-    bound_peak = out["bound"]["memory"]["peak"]
-    for n in names:
-        r = out[n]
-        r["cpu_s"] = statistics.median(r["cpu_rounds"])
-        r["wall_s"] = statistics.median(r["wall_rounds"])
-        r["ratio_vs_bound"] = r["cpu_s"] / bound_cpu
-        r["extra_mib_vs_bound"] = (r["memory"]["peak"] - bound_peak) / 2**20
-    return {"batch": args.batch, "seq": 64, "rounds": args.rounds, "steps": args.steps, **out}
 
 
 def _learned_gates(output_dir: Path, examples: Any, labels: list[str]) -> dict[str, Any]:
@@ -233,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         "methods": METHODS,
     }
     print("== cost (MiniLM, one batch)", file=sys.stderr)
-    result["cost"] = run_cost(args)
+    result["cost"] = mam_run_cost(args, METHODS)
     print("== accuracy (MiniLM + BBC News)", file=sys.stderr)
     result["accuracy"] = run_accuracy(args)
     result["wall_s"] = time.perf_counter() - t0
