@@ -116,11 +116,6 @@ class MAMConfig(MethodConfig):
         check_settings(self)
         if not math.isfinite(self.scaling):
             raise ConfigError(f"scaling={self.scaling} must be a finite number (try 4.0)")
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
-            raise ConfigError(
-                f"encoder_hidden_size={self.encoder_hidden_size} must be a positive integer "
-                "(or null for token_dim)"
-            )
 
     def prefix_config(self) -> PrefixTuningConfig:
         """The prefix half as a prefix tuning config (what the shared prefix code reads)."""

@@ -79,11 +79,6 @@ class PrefixTuningConfig(MethodConfig):
 
     def validate(self) -> None:
         check_prefix_fields(self)
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
-            raise ConfigError(
-                f"encoder_hidden_size={self.encoder_hidden_size} must be a positive integer "
-                "(or null for token_dim)"
-            )
 
 
 def check_prefix_fields(config: PrefixTuningConfig | MethodConfig) -> None:
@@ -97,6 +92,11 @@ def check_prefix_fields(config: PrefixTuningConfig | MethodConfig) -> None:
             raise ConfigError(
                 f"{field}={value} must be a positive integer, or null for the model's"
             )
+    hidden = getattr(config, "encoder_hidden_size", None)
+    if hidden is not None and hidden <= 0:
+        raise ConfigError(
+            f"encoder_hidden_size={hidden} must be a positive integer (or null for token_dim)"
+        )
     subs = getattr(config, "num_transformer_submodules", None)
     if subs not in (None, 1):
         raise ConfigError(

@@ -179,11 +179,6 @@ class UniPELTConfig(MethodConfig):
 
     def validate(self) -> None:
         check_prefix_fields(self)
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
-            raise ConfigError(
-                f"encoder_hidden_size={self.encoder_hidden_size} must be a positive integer "
-                "(or null for token_dim)"
-            )
         if not math.isfinite(self.lora_alpha):
             raise ConfigError(f"lora_alpha={self.lora_alpha} must be a finite number (try 16)")
         self.lora_config()  # r, lora_dropout
