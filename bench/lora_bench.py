@@ -18,6 +18,14 @@ Training variants (per model):
   every adapted layer's input itself (``deltatune.kernels.lora_linear.rebuild_inputs``).
   ``--dora`` adds ``dt-dora`` / ``peft-dora`` on the q,v targets.
 
+Arithmetic floor (``--floor``): ``floor <targets> r<r>`` is the bound's step followed by the
+LoRA matrix products alone, on tensors of the adapted layers' real shapes (per layer
+``v = x Aᵀ``, ``v Bᵀ``; backward ``gᵀ v``, ``g B``, ``duᵀ x``, ``du A``; no dropout, no adds, no
+optimizer), timed in the same interleaved rounds. Any implementation that computes LoRA's exact
+result does at least these multiply-adds, so ``floor x bound`` is the lowest ``step x bound`` it
+can reach on this machine at this matmul throughput. Inference: ``floor`` is the base forward
+followed by ``v = x Aᵀ``, ``v Bᵀ`` per layer.
+
 Peak memory. On CUDA: ``torch.cuda.max_memory_allocated`` during one step, minus what the other
 variants' models hold. On CPU (no allocator statistics): the parameters, gradients and
 optimizer state plus the activations saved for backward, counted with
@@ -142,6 +150,7 @@ class Variant:
     optimizer: torch.optim.Optimizer | None
     fast: bool = True
     rebuild: bool = True  # False for dt-keep: the kernel keeps every input (no rebuilding)
+    extra: Callable[[], None] | None = None  # floor rows: the LoRA matmuls after the bound step
     times: list[float] = dataclasses.field(default_factory=list)
     cpu_times: list[float] = dataclasses.field(default_factory=list)
     memory: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -216,6 +225,60 @@ def make_variant(
     )
 
 
+def adapted_shapes(
+    model: nn.Module, names: list[str], batch: dict[str, torch.Tensor]
+) -> list[tuple[int, int, int]]:
+    """``(rows, in, out)`` of every adapted layer's input in one forward of ``batch``."""
+    shapes: list[tuple[int, int, int]] = []
+    hooks = []
+    for name in names:
+        layer = model.get_submodule(name)
+
+        def record(mod: nn.Module, inputs: tuple[Any, ...]) -> None:
+            in_f, out_f = mod.in_features, mod.out_features
+            shapes.append((inputs[0].numel() // in_f, in_f, out_f))  # type: ignore[arg-type]
+
+        hooks.append(layer.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+class LoraMatmuls:
+    """The LoRA matrix products of one step on random tensors of the adapted layers' shapes."""
+
+    def __init__(
+        self, shapes: list[tuple[int, int, int]], r: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        g = torch.Generator().manual_seed(0)
+
+        def rand(*size: int) -> torch.Tensor:
+            return torch.randn(*size, generator=g).to(device, dtype)
+
+        self.layers = [
+            (rand(n, d_in), rand(n, d_out), rand(r, d_in), rand(d_out, r))
+            for n, d_in, d_out in shapes
+        ]
+        self.flops_fwd = sum(2 * n * r * (d_in + d_out) for n, d_in, d_out in shapes)
+
+    def forward(self) -> None:
+        for x, _g, a, b in self.layers:
+            torch.mm(torch.mm(x, a.t()), b.t())
+
+    def forward_backward(self) -> None:
+        for x, g, a, b in self.layers:
+            v = torch.mm(x, a.t())
+            torch.mm(v, b.t())
+            torch.mm(g.t(), v)  # dL/dB
+            du = torch.mm(g, b)
+            torch.mm(du.t(), x)  # dL/dA
+            torch.mm(du, a)  # the input gradient's LoRA part
+
+
 def _autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager[Any]:
     if amp is None:
         return contextlib.nullcontext()
@@ -231,6 +294,9 @@ def train_step(
     if v.optimizer is not None:
         v.optimizer.step()
         v.optimizer.zero_grad(set_to_none=True)
+    if v.extra is not None:
+        with _autocast(device, amp):
+            v.extra()
     return loss.detach()
 
 
@@ -321,6 +387,7 @@ class InferVariant:
     targets: str
     r: int
     model: nn.Module
+    extra: Callable[[], None] | None = None
     times: list[float] = dataclasses.field(default_factory=list)
     cpu_times: list[float] = dataclasses.field(default_factory=list)
 
@@ -358,6 +425,24 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
         measure_memory(v, batch, device, args.amp)
     if args.memory_only:
         return memory_rows(kind, n_params, variants)
+    floors: dict[tuple[str, int], LoraMatmuls] = {}
+    if args.floor:  # the bound's model and memory; only the time differs
+        dtype = torch.bfloat16 if args.amp else torch.float32
+        for targets in args.targets:
+            shapes = adapted_shapes(base, target_names(base, kind, targets), batch)
+            for r in args.ranks:
+                work = LoraMatmuls(shapes, r, device, dtype)
+                floors[(targets, r)] = work
+                floor = dataclasses.replace(
+                    variants[0], name=f"floor {targets} r{r}", method="floor", targets=targets
+                )
+                floor.r, floor.extra, floor.times, floor.cpu_times = (
+                    r,
+                    work.forward_backward,
+                    [],
+                    [],
+                )
+                variants.append(floor)
     print(f"  timing {len(variants)} training variants", file=sys.stderr)
     times, cpu = interleaved(
         variants, lambda v: train_step(v, batch, device, args.amp), args.repeats, args.steps, device
@@ -383,9 +468,14 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
             merged_ok[f"{v.targets} r{v.r}"] = float((a - b).abs().max())
     ids = batch["input_ids"]
 
+    for (targets, r), work in floors.items():
+        infer.append(InferVariant("floor", targets, r, infer[0].model, work.forward))
+
     def infer_once(iv: InferVariant) -> None:
         with torch.inference_mode(), _fast_context(True), _autocast(device, args.amp):
             iv.model(input_ids=ids)
+            if iv.extra is not None:
+                iv.extra()
 
     for iv in infer:
         infer_once(iv)
@@ -523,12 +613,16 @@ def format_table(result: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["train"]:
+        memory = (
+            "| - | - | - | - |"  # a floor row runs the bound's model: memory is not its point
+            if row["method"] == "floor"
+            else f"| {_mb(row['memory_bytes']['peak'])} | {_mb(row['extra_over_bound_bytes'])} "
+            f"| {row['mem_extra_x_bound_growth']:.3f} | {row['mem_growth_x_bound_growth']:.3f} |"
+        )
         lines.append(
             f"| {row['variant']} | {row['lora_dropout']:g} | {row['step_s']:.3f} "
             f"| {row['time_x_bound']:.3f} ({_range(row['time_x_bound_range'])}) "
-            f"| {row['cpu_x_bound']:.3f} "
-            f"| {_mb(row['memory_bytes']['peak'])} | {_mb(row['extra_over_bound_bytes'])} "
-            f"| {row['mem_extra_x_bound_growth']:.3f} | {row['mem_growth_x_bound_growth']:.3f} |"
+            f"| {row['cpu_x_bound']:.3f} " + memory
         )
     lines += [
         "",
@@ -596,6 +690,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run dt-keep on all-linear: the kernel keeps every input (no input rebuilding)",
     )
     p.add_argument("--dora", action="store_true", help="also time DoRA (q,v) in deltatune and PEFT")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the arithmetic floor: the bound (base) plus LoRA's matrix products alone",
+    )
     p.add_argument(
         "--memory-only",
         action="store_true",

@@ -471,7 +471,27 @@ def _rms_norm(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 _FROZEN_W = torch.linspace(0.5, 1.5, 24, dtype=torch.float64)
+_LAYER_NORMS: dict[tuple[torch.dtype, str], nn.LayerNorm] = {}
+
+
+def _layer_norm(t: torch.Tensor) -> torch.Tensor:
+    """A registered LayerNorm (as LoRA's injection registers the model's), BERT's eps."""
+    from deltatune.kernels import register_layer_norms
+
+    key = (t.dtype, t.device.type)
+    if key not in _LAYER_NORMS:
+        ln = nn.LayerNorm(24, eps=1e-12).to(t.device, t.dtype)
+        with torch.no_grad():
+            ln.weight.copy_(torch.linspace(0.5, 1.5, 24))
+            ln.bias.copy_(torch.linspace(-0.2, 0.3, 24))
+        ln.requires_grad_(False)
+        register_layer_norms(ln)
+        _LAYER_NORMS[key] = ln
+    return _LAYER_NORMS[key](t * 1.5)  # type: ignore[no-any-return]
+
+
 PRODUCERS = {
+    "layer_norm": _layer_norm,
     "gelu": lambda t: torch.nn.functional.gelu(t),
     "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
     "silu": torch.nn.functional.silu,
@@ -558,6 +578,37 @@ def test_input_is_kept_when_it_cannot_be_rebuilt() -> None:
     _close(ga, torch.autograd.grad(want.sum(), a)[0], 1e-6)
 
 
+def test_layer_norm_output_is_kept_unless_registered_and_verified() -> None:
+    from deltatune.kernels import register_layer_norms
+    from deltatune.kernels.lora_linear import _LAYER_NORMS as registry
+
+    pre, base, a, b = _inputs(torch.float64, "cpu")
+    ln = nn.LayerNorm(24).double()
+
+    def step() -> tuple[bool, torch.Tensor]:
+        x = ln(pre)
+        y, ptrs = _saved_ids(lambda: lora_dropout_linear(x, base, a, b, 1.0, 0.2, seed=3))
+        ga = torch.autograd.grad(y.sum(), a)[0]  # type: ignore[union-attr]
+        want = lora_linear_reference(ln(pre), base, a, b, 1.0, 0.2, seed=3)
+        _close(ga, torch.autograd.grad(want.sum(), a)[0], 1e-6)
+        return x.untyped_storage().data_ptr() in ptrs, ga
+
+    kept, g_kept = step()  # nobody told the kernel this LayerNorm's eps
+    assert kept
+    assert register_layer_norms(nn.Sequential(ln)) == 1
+    kept, g_rebuilt = step()
+    assert not kept and torch.equal(g_rebuilt, g_kept)
+    assert registry[id(ln.weight)][3] is True  # checked against the real output once
+    ln.eps = 1e-3  # changed behind the registry's back: the check fails, x is kept again
+    entry = registry[id(ln.weight)]
+    entry[3] = None
+    kept, _ = step()
+    assert kept and entry[3] is False
+    assert register_layer_norms(ln) == 1  # re-registering picks up the new eps
+    kept, _ = step()
+    assert not kept
+
+
 def test_rebuilt_source_modified_in_place_is_an_error_not_a_wrong_gradient() -> None:
     pre, base, a, b = _inputs(torch.float64, "cpu")
     h = pre * 1.0
@@ -575,12 +626,13 @@ class _Mlp(nn.Module):
         super().__init__()
         self.kind = kind
         self.norm_w = nn.Parameter(torch.rand(d) + 0.5, requires_grad=False)
+        self.norm = nn.LayerNorm(d, eps=1e-12)  # BERT's: its output (up's input) is rebuilt
         self.gate, self.up = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden)
         self.down = nn.Linear(hidden, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "gelu":
-            return x + self.down(torch.nn.functional.gelu(self.up(x)))
+            return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
         h = _rms_norm(x, self.norm_w)
         return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
 
@@ -634,9 +686,10 @@ def test_layers_rebuild_ffn_inputs_same_results_less_memory(
     assert torch.equal(y_on, y_off)
     assert all(torch.equal(u, v) for u, v in zip(g_on, g_off))
     # the down projection's input (2·16 × 88) is no longer kept; for SwiGLU (no DoRA, all three
-    # adapted) also the RMSNorm output that gate and up share (2·16 × 32)
+    # adapted) also the RMSNorm output that gate and up share (2·16 × 32), for GELU the
+    # LayerNorm output up reads (2·16 × 32, fp32 under autocast too)
     elem = 2 if autocast else 4
-    freed = 2 * 16 * 88 * elem + (2 * 16 * 32 * 4 if kind == "swiglu" and not dora else 0)
+    freed = 2 * 16 * 88 * elem + (2 * 16 * 32 * 4 if kind == "gelu" or not dora else 0)
     assert saved_off - saved_on >= freed, (saved_off, saved_on, freed)
 
 

@@ -4,7 +4,7 @@
   and a seed instead of a dropped copy (see its docstring for the math). Used by
   :class:`deltatune.methods.lora.LoraLinear` whenever ``lora_dropout > 0`` in training;
   ``with fast_lora(False):`` switches back to the plain autograd path. Where the input is the
-  fresh output of GELU, SiLU or a product, it is rebuilt in backward from what that op already
+  fresh output of GELU, SiLU, a product or a LayerNorm, it is rebuilt in backward from what that op already
   keeps (``with rebuild_inputs(False):`` keeps it instead).
 """
 
@@ -22,6 +22,7 @@ from deltatune.kernels.lora_linear import (
     lora_linear_reference,
     rebuild_inputs,
     rebuild_inputs_enabled,
+    register_layer_norms,
     set_fast_lora,
     set_rebuild_inputs,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "lora_linear_reference",
     "rebuild_inputs",
     "rebuild_inputs_enabled",
+    "register_layer_norms",
     "set_fast_lora",
     "set_rebuild_inputs",
 ]

@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -204,6 +205,8 @@ def _recipe(node: Any, device: torch.device, leaves: list[torch.Tensor], depth: 
         if name == "GeluBackward0":
             return ("gelu", node._saved_approximate, leaf)
         return ("silu", leaf)
+    if name == "NativeLayerNormBackward0":
+        return _layer_norm_recipe(node, device, leaves, depth)
     if name == "MulBackward0":
         edges = node.next_functions
         raws = (node._raw_saved_self, node._raw_saved_other)
@@ -224,10 +227,81 @@ def _recipe(node: Any, device: torch.device, leaves: list[torch.Tensor], depth: 
     return None
 
 
+# LayerNorm's autograd node keeps its input, weight and bias but not eps, and a rebuild is only
+# bitwise with the very eps (and kernel) forward used, so eps comes from the module that owns
+# the weight: id(weight) -> (weakref to weight, normalized_shape, eps, verified). ``verified``
+# is None until the first rebuild of that layer is compared with its real output.
+_LAYER_NORMS: dict[int, list[Any]] = {}
+
+
+def register_layer_norms(model: nn.Module) -> int:
+    """Remember the eps of ``model``'s LayerNorms, so that their outputs can be rebuilt.
+
+    Called by LoRA's injection; returns how many were registered. A LayerNorm whose output an
+    adapted layer reads is then not kept twice: backward reruns the LayerNorm on its own saved
+    input (bitwise the same output, checked against the real output the first time).
+    """
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.LayerNorm) or not isinstance(weight, torch.Tensor):
+            continue
+        entry = _LAYER_NORMS.get(id(weight))
+        if entry is None or entry[0]() is not weight or entry[2] != module.eps:
+            _LAYER_NORMS[id(weight)] = [
+                weakref.ref(weight),
+                tuple(module.normalized_shape),
+                float(module.eps),
+                None,
+            ]
+            count += 1
+    for key in [k for k, e in _LAYER_NORMS.items() if e[0]() is None]:
+        del _LAYER_NORMS[key]
+    return count
+
+
+def _layer_norm_recipe(
+    node: Any, device: torch.device, leaves: list[torch.Tensor], depth: int
+) -> Any:
+    """``native_layer_norm(input, shape, weight, bias, eps)`` for a registered LayerNorm.
+
+    Below the top (``depth > 0``, e.g. a LayerNorm output times something) only once verified:
+    the check needs the LayerNorm's own output, which only the top level has.
+    """
+    edges = node.next_functions
+    weight = _saved_tensor(node._raw_saved_weight, device, edges[1][0] is not None)
+    entry = _LAYER_NORMS.get(id(weight)) if weight is not None else None
+    if entry is None or entry[0]() is not weight or entry[3] is False:
+        return None
+    if depth > 0 and entry[3] is not True:
+        return None
+    shape = tuple(node._saved_normalized_shape)
+    if shape != entry[1]:
+        return None
+    inp = _saved_tensor(node._raw_saved_input, device, edges[0][0] is not None)
+    bias = None
+    if node._raw_saved_bias.data is not None:
+        bias = _saved_tensor(node._raw_saved_bias, device, edges[2][0] is not None)
+        if bias is None:
+            return None
+    if inp is None:
+        return None
+    first = len(leaves)
+    leaves += [inp, weight] + ([bias] if bias is not None else [])
+    bias_leaf = ("leaf", first + 2) if bias is not None else None
+    return ("layer_norm", shape, entry[2], ("leaf", first), ("leaf", first + 1), bias_leaf, entry)
+
+
 def _run_recipe(recipe: Recipe, leaves: tuple[torch.Tensor, ...]) -> torch.Tensor:
     kind = recipe[0]
     if kind == "leaf":
         return leaves[recipe[1]]
+    if kind == "layer_norm":
+        _, shape, eps, inp, weight, bias, _entry = recipe
+        b = None if bias is None else _run_recipe(bias, leaves)
+        return torch.native_layer_norm(
+            _run_recipe(inp, leaves), shape, _run_recipe(weight, leaves), b, eps
+        )[0]
     if kind == "gelu":
         return F.gelu(_run_recipe(recipe[2], leaves), approximate=recipe[1])
     if kind == "silu":
@@ -242,6 +316,13 @@ def _keep_input(ctx: Any, x: torch.Tensor) -> list[torch.Tensor]:
     if _REBUILD[0] and x.grad_fn is not None and x._version == 0 and x.output_nr == 0:
         leaves: list[torch.Tensor] = []
         recipe = _recipe(x.grad_fn, x.device, leaves, 0)
+        if recipe is not None and recipe[0] == "layer_norm" and recipe[-1][3] is None:
+            # First rebuild of this LayerNorm: trust eps (and the kernel) only once it is seen
+            # to reproduce forward's output bitwise.
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                recipe[-1][3] = bool(torch.equal(_run_recipe(recipe, tuple(leaves)), x))
+            if not recipe[-1][3]:
+                recipe = None
         if recipe is not None:
             ctx.x_recipe = recipe
             return leaves

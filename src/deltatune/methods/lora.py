@@ -50,6 +50,7 @@ from deltatune.kernels import (
     fusable_base,
     linear_lora_dropout,
     lora_dropout_linear,
+    register_layer_norms,
 )
 from deltatune.layers import AdapterLayer, refuse_wrapped_target
 from deltatune.registry import Capabilities, MethodConfig, MethodSpec, register
@@ -551,6 +552,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None
         layer.add_adapter(adapter_name, config, r, alpha)
         if layer is not module:
             set_submodule(model, name, layer)
+    register_layer_norms(model)
 
 
 register(
