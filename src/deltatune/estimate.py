@@ -76,6 +76,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError, DeltatuneError, did_you_mean
+from deltatune.kernels import register_layer_norms
 
 GiB = 2**30
 DTYPES = ("float32", "bfloat16", "float16")
@@ -686,6 +687,9 @@ def _trace_step(
 
     mode = _fake_mode_class()(allow_non_fake_inputs=True)
     _fakeify(model, mode, device)
+    # The LoRA kernels rebuild a registered LayerNorm's output instead of keeping it; the fake
+    # weights are new tensors, registered as the real ones were at injection.
+    register_layer_norms(model)
     stack = contextlib.ExitStack()
     stack.enter_context(_masks_as_for_real_tensors())
     params = list({id(p): p for p in model.parameters()}.values())

@@ -70,6 +70,14 @@ in backward::
     GeluBackward0:  x = gelu(pre, approximate)     (pre = node._saved_self)
     SiluBackward0:  x = silu(pre)
     MulBackward0:   x = a ⊙ b                      (a, b = node._saved_self, node._saved_other)
+    NativeLayerNormBackward0:
+                    x = layer_norm(h, w, b, eps)   (h, w, b = the node's input, weight, bias)
+
+LayerNorm's node does not keep ``eps``, and only the very eps gives the same bits, so its outputs
+are rebuilt only for ``nn.LayerNorm`` modules registered by :func:`register_layer_norms` (LoRA's
+injection registers the model's), whose weight is the one the node saved, and only once the
+first rebuild of that layer was seen to equal its real output bitwise (else it keeps ``x``).
+This is BERT's q/k/v input (the previous block's output LayerNorm) and FFN up-projection input.
 
 A factor the Mul did not save (autograd saves ``a`` only if ``b`` needs a gradient) is itself
 rebuilt when its own producer is one of these ops, e.g. RMSNorm's ``w ⊙ (h ⊙ rsqrt(…))`` (``w``
@@ -309,6 +317,12 @@ def _run_recipe(recipe: Recipe, leaves: tuple[torch.Tensor, ...]) -> torch.Tenso
     return torch.mul(_run_recipe(recipe[1], leaves), _run_recipe(recipe[2], leaves))
 
 
+def _has_data(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return not (t.is_meta or isinstance(t, FakeTensor))
+
+
 def _keep_input(ctx: Any, x: torch.Tensor) -> list[torch.Tensor]:
     """The tensors to save for ``x``: ``[x]``, or the leaves of a recipe that rebuilds it."""
     ctx.x_shape, ctx.x_dtype, ctx.x_device = x.shape, x.dtype, x.device
@@ -316,9 +330,10 @@ def _keep_input(ctx: Any, x: torch.Tensor) -> list[torch.Tensor]:
     if _REBUILD[0] and x.grad_fn is not None and x._version == 0 and x.output_nr == 0:
         leaves: list[torch.Tensor] = []
         recipe = _recipe(x.grad_fn, x.device, leaves, 0)
-        if recipe is not None and recipe[0] == "layer_norm" and recipe[-1][3] is None:
-            # First rebuild of this LayerNorm: trust eps (and the kernel) only once it is seen
-            # to reproduce forward's output bitwise.
+        # First rebuild of this LayerNorm: trust eps (and the kernel) only once it is seen to
+        # reproduce forward's output bitwise. Tensors without data (meta, or the fake tensors
+        # of deltatune.estimate) cannot be compared: they take the rebuild as a real run would.
+        if recipe and recipe[0] == "layer_norm" and recipe[-1][3] is None and _has_data(x):
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 recipe[-1][3] = bool(torch.equal(_run_recipe(recipe, tuple(leaves)), x))
             if not recipe[-1][3]:
