@@ -35,7 +35,8 @@ reference (the paper's code book, block-64 absmax), put back into a float copy: 
 |W − Ŵ| and held-out perplexity of each; also which modules get quantised (tied embeddings).
 
 Part ``smol-epochs``: LoRA and QLoRA on SmolLM2 with configs/sft-smollm2.yaml for ``--epochs``
-epochs, same settings for both (``--methods lora`` / ``qlora`` may run as two processes).
+epochs, same settings for both (``--methods lora`` / ``qlora`` may run as two processes);
+``--smol-train M`` trains on M pairs instead of the config's 320.
 
 Part ``smol-loftq`` (issue #6): QLoRA with LoftQ initialisation (``init_lora_weights: loftq``)
 on SmolLM2. First the held-out perplexity at initialisation, before any training (float base,
@@ -53,6 +54,7 @@ Usage::
     .venv/bin/python bench/quant_bench.py --part smol-diagnostics --train-variants int8-bf16
     .venv/bin/python bench/quant_bench.py --part nf4-check                   # ~3 min
     .venv/bin/python bench/quant_bench.py --part smol-epochs --epochs 2 --methods lora
+    .venv/bin/python bench/quant_bench.py --part smol-epochs --epochs 1 --smol-train 1200
     .venv/bin/python bench/quant_bench.py --part smol-loftq --loftq-train qlora-loftq1,lora
 
 Writes bench/results/quant_memory.json, quant_quality.json, quant_smol_diagnostics.json,
@@ -345,7 +347,9 @@ def bbc_config(method: dict[str, Any], out: Path, max_train: int) -> Any:
     return type(cfg).from_dict(data)
 
 
-def smol_config(method: dict[str, Any], out: Path, epochs: int | None = None) -> Any:
+def smol_config(
+    method: dict[str, Any], out: Path, epochs: int | None = None, max_train: int | None = None
+) -> Any:
     from deltatune.run import load_run_config
 
     root = Path(__file__).resolve().parent.parent
@@ -355,6 +359,9 @@ def smol_config(method: dict[str, Any], out: Path, epochs: int | None = None) ->
     data["train"].update({"progress": False})
     if epochs is not None:
         data["train"]["epochs"] = epochs
+    if max_train is not None:  # more pairs: evaluate every 50 steps instead of every 10
+        data["data"]["max_train_examples"] = max_train
+        data["train"]["eval_every_steps"] = 50
     data["output_dir"] = str(out)
     return type(cfg).from_dict(data)
 
@@ -588,10 +595,11 @@ def nf4_check() -> dict[str, Any]:
     return res
 
 
-def smol_epochs(epochs: int, names: list[str]) -> dict[str, Any]:
+def smol_epochs(epochs: int, names: list[str], max_train: int | None = None) -> dict[str, Any]:
     """LoRA and QLoRA on SmolLM2 with configs/sft-smollm2.yaml trained for ``epochs`` epochs
-    (the same settings for every method; the quality part uses the config's 1 epoch). Each method
-    may run in its own process; results merge into quant_smol_epochs.json under ``epochs<N>``."""
+    (the same settings for every method; the quality part uses the config's 1 epoch), on the
+    config's 320 training pairs or ``max_train``. Each method may run in its own process; results
+    merge into quant_smol_epochs.json under ``epochs<N>`` (``epochs<N>_train<M>``)."""
     from deltatune.io import write_json
     from deltatune.run import train_run
 
@@ -601,7 +609,7 @@ def smol_epochs(epochs: int, names: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             t0 = time.perf_counter()
-            cfg = smol_config({"name": name, **lora}, Path(tmp) / name, epochs)
+            cfg = smol_config({"name": name, **lora}, Path(tmp) / name, epochs, max_train)
             m = train_run(cfg, echo=print).metrics
             mine[name] = {
                 "test_loss": m["test"]["loss"],
@@ -611,7 +619,8 @@ def smol_epochs(epochs: int, names: list[str]) -> dict[str, Any]:
             print(f"smollm2 epochs={epochs} {name}: {mine[name]}", flush=True)
             # Re-read just before writing: another process may have added its method meanwhile.
             res = json.loads(path.read_text()) if path.exists() else {}
-            res.setdefault(f"epochs{epochs}", {}).update({name: mine[name]})
+            key = f"epochs{epochs}" + (f"_train{max_train}" if max_train else "")
+            res.setdefault(key, {}).update({name: mine[name]})
             write_json(path, res)
     return mine
 
@@ -762,6 +771,12 @@ def main(argv: list[str] | None = None) -> int:
         help="smol-loftq: 1-epoch runs to train (lora, qlora, qlora-loftq<T>; empty: none)",
     )
     parser.add_argument("--loftq-epochs", type=int, default=1, help="smol-loftq: training epochs")
+    parser.add_argument(
+        "--smol-train",
+        type=int,
+        default=None,
+        help="smol-epochs: training pairs (default: the config's 320; the corpus has ~2,000)",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-train", type=int, default=800, help="BBC training articles")
     parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 runs")
@@ -800,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res, indent=2))
         (RESULTS / "quant_nf4_check.json").write_text(json.dumps(res, indent=2) + "\n")
     if args.part == "smol-epochs":
-        print(json.dumps(smol_epochs(args.epochs, [m for m in args.methods.split(",") if m])))
+        methods = [m for m in args.methods.split(",") if m]
+        print(json.dumps(smol_epochs(args.epochs, methods, args.smol_train)))
     if args.part == "smol-loftq":
         iters = [int(t) for t in args.loftq_init_iters.split(",") if t]
         if iters:

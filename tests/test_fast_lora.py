@@ -607,6 +607,14 @@ def test_layer_norm_output_is_kept_unless_registered_and_verified() -> None:
     assert register_layer_norms(ln) == 1  # re-registering picks up the new eps
     kept, _ = step()
     assert not kept
+    ln = nn.LayerNorm(24, bias=False).double()  # no bias: rebuilt all the same
+    register_layer_norms(ln)
+    kept, _ = step()
+    assert not kept
+    ln = nn.LayerNorm(24, elementwise_affine=False).double()  # no weight to find eps by: kept
+    assert register_layer_norms(ln) == 0
+    kept, _ = step()
+    assert kept
 
 
 def test_rebuilt_source_modified_in_place_is_an_error_not_a_wrong_gradient() -> None:
