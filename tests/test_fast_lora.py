@@ -12,6 +12,7 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import deltatune as dt
@@ -599,14 +600,19 @@ def test_layer_norm_output_is_kept_unless_registered_and_verified() -> None:
     kept, g_rebuilt = step()
     assert not kept and torch.equal(g_rebuilt, g_kept)
     assert registry[id(ln.weight)][3] is True  # checked against the real output once
-    ln.eps = 1e-3  # changed behind the registry's back: the check fails, x is kept again
-    entry = registry[id(ln.weight)]
-    entry[3] = None
+    assert register_layer_norms(ln) == 0  # the same module again: nothing new
+    ln.eps = 1e-3  # a changed eps is read from the module and checked again
     kept, _ = step()
-    assert kept and entry[3] is False
-    assert register_layer_norms(ln) == 1  # re-registering picks up the new eps
+    assert not kept and registry[id(ln.weight)][2:] == [1e-3, True]
+
+    class OtherEps(nn.LayerNorm):  # a forward that does not use self.eps: the check fails
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return F.layer_norm(t, self.normalized_shape, self.weight, self.bias, 1e-2)
+
+    ln = OtherEps(24).double()
+    register_layer_norms(ln)
     kept, _ = step()
-    assert not kept
+    assert kept and registry[id(ln.weight)][3] is False
     ln = nn.LayerNorm(24, bias=False).double()  # no bias: rebuilt all the same
     register_layer_norms(ln)
     kept, _ = step()

@@ -75,8 +75,9 @@ in backward::
 
 LayerNorm's node does not keep ``eps``, and only the very eps gives the same bits, so its outputs
 are rebuilt only for ``nn.LayerNorm`` modules registered by :func:`register_layer_norms` (LoRA's
-injection registers the model's), whose weight is the one the node saved, and only once the
-first rebuild of that layer was seen to equal its real output bitwise (else it keeps ``x``).
+injection registers the model's), whose weight is the one the node saved, with the module's
+current eps, and only once a rebuild with that eps was seen to equal the layer's real output
+bitwise (checked on first use and again after the eps changes; a mismatch keeps ``x``).
 This is BERT's q/k/v input (the previous block's output LayerNorm) and FFN up-projection input.
 
 A factor the Mul did not save (autograd saves ``a`` only if ``b`` needs a gradient) is itself
@@ -236,18 +237,19 @@ def _recipe(node: Any, device: torch.device, leaves: list[torch.Tensor], depth: 
 
 
 # LayerNorm's autograd node keeps its input, weight and bias but not eps, and a rebuild is only
-# bitwise with the very eps (and kernel) forward used, so eps comes from the module that owns
-# the weight: id(weight) -> (weakref to weight, normalized_shape, eps, verified). ``verified``
-# is None until the first rebuild of that layer is compared with its real output.
+# bitwise with the very eps (and kernel) forward used, so eps is read from the module that owns
+# the weight: id(weight) -> [weakref to weight, weakref to module, eps, verified]. ``verified``
+# is None until a rebuild with that eps has been compared with the layer's real output, and is
+# reset when the module's eps changes.
 _LAYER_NORMS: dict[int, list[Any]] = {}
 
 
 def register_layer_norms(model: nn.Module) -> int:
-    """Remember the eps of ``model``'s LayerNorms, so that their outputs can be rebuilt.
+    """Remember ``model``'s LayerNorms by their weights, so that their outputs can be rebuilt.
 
-    Called by LoRA's injection; returns how many were registered. A LayerNorm whose output an
-    adapted layer reads is then not kept twice: backward reruns the LayerNorm on its own saved
-    input (bitwise the same output, checked against the real output the first time).
+    Called by LoRA's injection; returns how many were newly registered. A LayerNorm whose
+    output an adapted layer reads is then not kept twice: backward reruns the LayerNorm on its
+    own saved input (bitwise the same output, checked against the real output the first time).
     """
     count = 0
     for module in model.modules():
@@ -255,13 +257,8 @@ def register_layer_norms(model: nn.Module) -> int:
         if not isinstance(module, nn.LayerNorm) or not isinstance(weight, torch.Tensor):
             continue
         entry = _LAYER_NORMS.get(id(weight))
-        if entry is None or entry[0]() is not weight or entry[2] != module.eps:
-            _LAYER_NORMS[id(weight)] = [
-                weakref.ref(weight),
-                tuple(module.normalized_shape),
-                float(module.eps),
-                None,
-            ]
+        if entry is None or entry[0]() is not weight or entry[1]() is not module:
+            _LAYER_NORMS[id(weight)] = [weakref.ref(weight), weakref.ref(module), None, None]
             count += 1
     for key in [k for k, e in _LAYER_NORMS.items() if e[0]() is None]:
         del _LAYER_NORMS[key]
@@ -279,12 +276,16 @@ def _layer_norm_recipe(
     edges = node.next_functions
     weight = _saved_tensor(node._raw_saved_weight, device, edges[1][0] is not None)
     entry = _LAYER_NORMS.get(id(weight)) if weight is not None else None
-    if entry is None or entry[0]() is not weight or entry[3] is False:
+    module = entry[1]() if entry is not None and entry[0]() is weight else None
+    if entry is None or module is None or module.weight is not weight:
         return None
-    if depth > 0 and entry[3] is not True:
+    eps = float(module.eps)
+    if entry[2] != eps:  # new, or eps changed since the last check: check again
+        entry[2], entry[3] = eps, None
+    if entry[3] is False or (depth > 0 and entry[3] is not True):
         return None
     shape = tuple(node._saved_normalized_shape)
-    if shape != entry[1]:
+    if shape != tuple(module.normalized_shape):
         return None
     inp = _saved_tensor(node._raw_saved_input, device, edges[0][0] is not None)
     bias = None
@@ -297,7 +298,7 @@ def _layer_norm_recipe(
     first = len(leaves)
     leaves += [inp, weight] + ([bias] if bias is not None else [])
     bias_leaf = ("leaf", first + 2) if bias is not None else None
-    return ("layer_norm", shape, entry[2], ("leaf", first), ("leaf", first + 1), bias_leaf, entry)
+    return ("layer_norm", shape, eps, ("leaf", first), ("leaf", first + 1), bias_leaf, entry)
 
 
 def _run_recipe(recipe: Recipe, leaves: tuple[torch.Tensor, ...]) -> torch.Tensor:
