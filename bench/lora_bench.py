@@ -263,7 +263,6 @@ class LoraMatmuls:
             (rand(n, d_in), rand(n, d_out), rand(r, d_in), rand(d_out, r))
             for n, d_in, d_out in shapes
         ]
-        self.flops_fwd = sum(2 * n * r * (d_in + d_out) for n, d_in, d_out in shapes)
 
     def forward(self) -> None:
         for x, _g, a, b in self.layers:
@@ -433,16 +432,18 @@ def run_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
             for r in args.ranks:
                 work = LoraMatmuls(shapes, r, device, dtype)
                 floors[(targets, r)] = work
-                floor = dataclasses.replace(
-                    variants[0], name=f"floor {targets} r{r}", method="floor", targets=targets
+                variants.append(
+                    dataclasses.replace(
+                        variants[0],
+                        name=f"floor {targets} r{r}",
+                        method="floor",
+                        targets=targets,
+                        r=r,
+                        extra=work.forward_backward,
+                        times=[],
+                        cpu_times=[],
+                    )
                 )
-                floor.r, floor.extra, floor.times, floor.cpu_times = (
-                    r,
-                    work.forward_backward,
-                    [],
-                    [],
-                )
-                variants.append(floor)
     print(f"  timing {len(variants)} training variants", file=sys.stderr)
     times, cpu = interleaved(
         variants, lambda v: train_step(v, batch, device, args.amp), args.repeats, args.steps, device

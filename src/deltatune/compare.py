@@ -78,10 +78,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from deltatune.config import BaseConfig, apply_overrides
+from deltatune.config import BaseConfig, apply_overrides, read_config_mapping
 from deltatune.data import DataConfig
 from deltatune.data.augment import AugmentConfig
 from deltatune.errors import ConfigError, DeltatuneError, did_you_mean
@@ -278,15 +277,7 @@ def load_compare_config(
     """
     data: dict[str, Any] = CompareConfig().to_dict()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
-        try:
-            user = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
-        if not isinstance(user, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping (model, data, methods, ...)")
+        user = read_config_mapping(path, "a mapping (model, data, methods, ...)")
         if "methods" in user:
             data["methods"] = {}  # a config's methods replace the default list whole
         for key, value in user.items():

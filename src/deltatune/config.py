@@ -208,6 +208,21 @@ class BaseConfig:
         return cls.from_dict(data or {}, where=p.name)
 
 
+def read_config_mapping(path: str | Path, holds: str) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file; ``holds`` completes the error for a file
+    whose top level is not a mapping (``"a mapping of sections (model, data, ...)"``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    try:
+        user = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"config file '{p}' must hold {holds}")
+    return user
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``a.b.c=value`` into (["a", "b", "c"], value); the value is read as a YAML scalar."""
     if "=" not in text:

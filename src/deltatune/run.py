@@ -30,12 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
 from deltatune.checkpoint import load_adapter, save_adapter
-from deltatune.config import BaseConfig, apply_overrides
+from deltatune.config import BaseConfig, apply_overrides, read_config_mapping
 from deltatune.data import DataConfig, PadCollator, TokenizedDataset, load_text_splits, make_loader
 from deltatune.data.augment import AugmentConfig, augment_text_dataset
 from deltatune.errors import ConfigError, DeltatuneError
@@ -137,17 +136,7 @@ def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:
     """Read a YAML config (or the embedded default) and apply ``key=value`` overrides."""
     data: dict[str, Any] = RunConfig().to_dict()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
-        try:
-            user = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
-        if not isinstance(user, dict):
-            raise ConfigError(
-                f"config file '{p}' must hold a mapping of sections (model, data, method, train)"
-            )
+        user = read_config_mapping(path, "a mapping of sections (model, data, method, train)")
         if "method" in user and isinstance(user["method"], dict):
             data["method"] = {}  # a config's method section replaces the default one whole
         data = _deep_update(data, user)

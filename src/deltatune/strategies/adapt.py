@@ -331,21 +331,12 @@ def load_adapt_config(path: str | Path | None, overrides: list[str]) -> AdaptCon
 def _load_sectioned(cls: Any, path: str | Path | None, overrides: list[str]) -> Any:
     """Shared by the strategy commands: YAML over defaults (a ``method`` section replaces the
     default whole, like ``deltatune train``), then dotted overrides, then strict validation."""
-    import yaml
 
-    from deltatune.config import apply_overrides
+    from deltatune.config import apply_overrides, read_config_mapping
 
     data: dict[str, Any] = cls().to_dict()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
-        try:
-            user = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
-        if not isinstance(user, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping of sections")
+        user = read_config_mapping(path, "a mapping of sections")
         for key, value in user.items():
             if key == "method" and isinstance(value, dict):
                 data["method"] = dict(value)

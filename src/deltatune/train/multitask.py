@@ -48,7 +48,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 from torch.utils.data import Dataset
 
-from deltatune.config import BaseConfig, apply_overrides
+from deltatune.config import BaseConfig, apply_overrides, read_config_mapping
 from deltatune.data import DataConfig, TextExamples, load_text_splits
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.io import write_json, write_text
@@ -180,18 +180,10 @@ def load_multitask_config(path: str | Path | None, overrides: list[str]) -> Mult
 
     ``data.<field>=value`` overrides apply to every task's data (e.g. ``data.max_train_examples``).
     """
-    import yaml
 
     data: dict[str, Any] = MultiTaskRunConfig().to_dict()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
-        user = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        if not isinstance(user, dict):
-            raise ConfigError(
-                f"config file '{p}' must hold a mapping (model, tasks, method, train)"
-            )
+        user = read_config_mapping(path, "a mapping (model, tasks, method, train)")
         for key, value in user.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict) and key != "method":
                 data[key] = {**data[key], **value}
